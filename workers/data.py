@@ -1,0 +1,272 @@
+"""Classification tasks: load (local TSV/CSV/JSONL or a hub id), subset with a fixed seed, tokenise once.
+
+``dataset: glue/sst2`` resolves to ``$SLIMRAY_DATA_DIR/glue/SST-2/{train,dev}.tsv`` when that exists
+(the test machines have no hub), else to ``datasets.load_dataset("glue", "sst2")`` for users with internet.
+Tokenised splits are plain numpy arrays so they travel through Ray's object store without copies.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from workers.configs import _check, _choice, _positive_int
+from workers.errors import ConfigError, DataError
+
+__all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout"]
+
+# Local layouts of the GLUE tasks as GLUE ships them (and ../shared/assets holds them).
+_GLUE = {
+    "glue/sst2": {"dir": "glue/SST-2", "text_columns": ("sentence",), "label_column": "label", "metric": "accuracy",
+                  "eval_split": "dev", "hub": ("glue", "sst2"), "hub_eval": "validation"},
+    "glue/mrpc": {"dir": "glue/MRPC", "text_columns": ("#1 String", "#2 String"), "label_column": "Quality",
+                  "metric": "accuracy_f1", "eval_split": "dev", "hub": ("glue", "mrpc"), "hub_eval": "validation",
+                  "hub_columns": ("sentence1", "sentence2"), "hub_label": "label"},
+}
+
+
+def known_layout(dataset: str) -> dict | None:
+    return _GLUE.get(dataset.lower())
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Where the data is and how to read it. Columns and metric default from known GLUE layouts."""
+
+    dataset: str = "glue/sst2"
+    text_columns: tuple[str, ...] | None = None  # one column (single sentence) or two (sentence pair)
+    label_column: str | None = None
+    labels: tuple[str, ...] | None = None  # the label set, in class-index order; default: sorted train labels
+    metric: str | None = None  # accuracy | f1 | accuracy_f1 (the objective "metric" is accuracy, or F1 for f1)
+    max_length: int = 128
+    train_size: int | None = None  # a seeded random subset; None = all
+    eval_size: int | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(isinstance(self.dataset, str) and self.dataset.strip() != "", "task.dataset",
+               "a hub id, a known name like glue/sst2, or a local directory/file", self.dataset)
+        layout = known_layout(self.dataset) or {}
+        cols = self.text_columns if self.text_columns is not None else layout.get("text_columns", ("text",))
+        if isinstance(cols, str):
+            cols = (cols,)
+        cols = tuple(cols)
+        _check(len(cols) in (1, 2) and all(isinstance(c, str) for c in cols), "task.text_columns",
+               "one or two column names", cols)
+        object.__setattr__(self, "text_columns", cols)
+        object.__setattr__(self, "label_column", self.label_column or layout.get("label_column", "label"))
+        object.__setattr__(self, "metric", self.metric or layout.get("metric", "accuracy"))
+        object.__setattr__(self, "eval_split", self.eval_split or layout.get("eval_split", "validation"))
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+            _check(len(self.labels) >= 2, "task.labels", "at least two labels", self.labels)
+        _choice(self.metric, "task.metric", ("accuracy", "f1", "accuracy_f1"))
+        _positive_int(self.max_length, "task.max_length")
+        _check(self.max_length <= 512, "task.max_length", "≤ 512", self.max_length)
+        _positive_int(self.train_size, "task.train_size", allow_none=True)
+        _positive_int(self.eval_size, "task.eval_size", allow_none=True)
+
+
+@dataclass
+class Split:
+    texts: list  # str, or (str, str) for pairs
+    labels: np.ndarray  # int64 class indices
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    config: TaskConfig
+    train: Split
+    eval: Split
+    label_names: tuple[str, ...]
+    source: str  # where it was read from, for provenance
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass
+class Encoded:
+    """A tokenised split: right-padded ``input_ids``/``token_type_ids`` [N, L], true ``lengths`` [N], ``labels``."""
+
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray
+    lengths: np.ndarray
+    labels: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, idx, *, pad_to: int | None = None) -> dict:
+        """Torch tensors for rows ``idx``, trimmed to the longest row (or padded to ``pad_to``)."""
+        import torch
+
+        idx = np.asarray(idx)
+        width = pad_to or int(self.lengths[idx].max())
+        ids = torch.from_numpy(np.ascontiguousarray(self.input_ids[idx, :width])).long()
+        tt = torch.from_numpy(np.ascontiguousarray(self.token_type_ids[idx, :width])).long()
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(self.lengths[idx])[:, None]).long()
+        return {"input_ids": ids, "token_type_ids": tt, "attention_mask": mask,
+                "labels": torch.from_numpy(self.labels[idx]).long()}
+
+
+# --------------------------------------------------------------------------- reading files
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        return rows
+    if suffix not in (".tsv", ".csv"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .tsv, .csv or .jsonl")
+    # GLUE's TSVs contain bare quotes: quoting must be off for them; MRPC starts with a BOM.
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        if suffix == ".tsv":
+            reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.DictReader(fh)
+        return list(reader)
+
+
+def _find_split_file(directory: Path, split: str) -> Path:
+    for ext in (".tsv", ".csv", ".jsonl"):
+        p = directory / f"{split}{ext}"
+        if p.exists():
+            return p
+    raise DataError(f"no {split}.tsv, {split}.csv or {split}.jsonl in {directory}")
+
+
+def _local_dir(cfg: TaskConfig) -> Path | None:
+    layout = known_layout(cfg.dataset)
+    data_dir = os.environ.get("SLIMRAY_DATA_DIR")
+    if layout and data_dir and (Path(data_dir) / layout["dir"]).is_dir():
+        return Path(data_dir) / layout["dir"]
+    p = Path(cfg.dataset).expanduser()
+    if p.is_dir():
+        return p
+    if data_dir and (Path(data_dir) / cfg.dataset).is_dir():
+        return Path(data_dir) / cfg.dataset
+    return None
+
+
+def _rows_to_split(rows: list[dict], cfg: TaskConfig, where: str) -> tuple[list, list[str]]:
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    cols = set(rows[0])
+    for c in (*cfg.text_columns, cfg.label_column):
+        if c not in cols:
+            raise DataError(f"{where}: no column {c!r}; columns are {', '.join(sorted(map(str, cols)))}")
+    texts, labels = [], []
+    for r in rows:
+        t = tuple("" if r[c] is None else str(r[c]) for c in cfg.text_columns)
+        texts.append(t[0] if len(t) == 1 else t)
+        labels.append(str(r[cfg.label_column]).strip())
+    return texts, labels
+
+
+def _hub_rows(cfg: TaskConfig) -> tuple[list[dict], list[dict], str, TaskConfig]:
+    import datasets
+
+    layout = known_layout(cfg.dataset)
+    try:
+        if layout:
+            ds = datasets.load_dataset(*layout["hub"])
+            eval_split = layout["hub_eval"]
+            cfg = TaskConfig(**{**cfg.__dict__, "text_columns": layout.get("hub_columns", cfg.text_columns),
+                                "label_column": layout.get("hub_label", cfg.label_column), "eval_split": eval_split})
+        else:
+            name, _, subset = cfg.dataset.partition(":")
+            ds = datasets.load_dataset(name, subset or None)
+    except Exception as err:  # the hub raises many types; the user needs one line
+        raise DataError(f"cannot load dataset {cfg.dataset!r} (not a local path under SLIMRAY_DATA_DIR and the hub "
+                        f"said: {str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+    for split in (cfg.train_split, cfg.eval_split):
+        if split not in ds:
+            raise DataError(f"dataset {cfg.dataset!r} has no split {split!r}; splits: {', '.join(ds)}")
+    return list(ds[cfg.train_split]), list(ds[cfg.eval_split]), f"hub:{cfg.dataset}", cfg
+
+
+def _subset(texts: list, labels: np.ndarray, size: int | None, seed: int) -> Split:
+    if size is None or size >= len(labels):
+        return Split(texts, labels)
+    idx = sorted(random.Random(seed).sample(range(len(labels)), size))
+    return Split([texts[i] for i in idx], labels[idx])
+
+
+def load(cfg: TaskConfig) -> TaskData:
+    """Read the train and eval splits, map labels to class indices, take seeded subsets."""
+    local = _local_dir(cfg)
+    if local is not None:
+        train_path = _find_split_file(local, cfg.train_split)
+        eval_path = _find_split_file(local, cfg.eval_split)
+        train_rows, eval_rows = _read_rows(train_path), _read_rows(eval_path)
+        source, read_cfg = str(local), cfg
+        where_train, where_eval = str(train_path), str(eval_path)
+    elif Path(cfg.dataset).suffix.lower() in (".tsv", ".csv", ".jsonl"):
+        raise DataError(f"task.dataset: {cfg.dataset} is a file; give the directory holding "
+                        f"{cfg.train_split}.* and {cfg.eval_split}.*")
+    else:
+        train_rows, eval_rows, source, read_cfg = _hub_rows(cfg)
+        where_train, where_eval = f"{cfg.dataset}[{read_cfg.train_split}]", f"{cfg.dataset}[{read_cfg.eval_split}]"
+
+    train_texts, train_labels = _rows_to_split(train_rows, read_cfg, where_train)
+    eval_texts, eval_labels = _rows_to_split(eval_rows, read_cfg, where_eval)
+    names = cfg.labels or tuple(sorted(set(train_labels), key=lambda s: (len(s), s)))
+    index = {name: i for i, name in enumerate(names)}
+    for where, labels in ((where_train, train_labels), (where_eval, eval_labels)):
+        for row, lab in enumerate(labels, 1):
+            if lab not in index:
+                raise DataError(f"{where}: row {row} has label {lab!r}, not in the label set "
+                                f"{list(names)}; set task.labels to include it or fix the row")
+    train = _subset(train_texts, np.array([index[x] for x in train_labels], dtype=np.int64), cfg.train_size, cfg.seed)
+    eval_ = _subset(eval_texts, np.array([index[x] for x in eval_labels], dtype=np.int64), cfg.eval_size, cfg.seed + 1)
+    return TaskData(cfg, train, eval_, tuple(names), source)
+
+
+def encode(split: Split, tokenizer, max_length: int) -> Encoded:
+    """Tokenise once; rows are right-padded to the longest row (≤ max_length)."""
+    if not len(split):
+        raise DataError("cannot encode an empty split")
+    pairs = isinstance(split.texts[0], tuple)
+    if pairs:
+        firsts, seconds = [t[0] for t in split.texts], [t[1] for t in split.texts]
+        enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+    else:
+        enc = tokenizer(list(split.texts), truncation=True, max_length=max_length)
+    lengths = np.array([len(x) for x in enc["input_ids"]], dtype=np.int64)
+    width = int(lengths.max())
+    ids = np.full((len(lengths), width), tokenizer.pad_token_id or 0, dtype=np.int32)
+    tt = np.zeros((len(lengths), width), dtype=np.int8)
+    for i, row in enumerate(enc["input_ids"]):
+        ids[i, : len(row)] = row
+        if "token_type_ids" in enc:
+            tt[i, : len(row)] = enc["token_type_ids"][i]
+    return Encoded(ids, tt, lengths, split.labels.copy())
+
+
+def check_task_config(d: dict) -> TaskConfig:
+    try:
+        return TaskConfig(**d)
+    except TypeError as err:
+        raise ConfigError(f"task: {err}") from None

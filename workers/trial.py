@@ -1,0 +1,131 @@
+"""One trial, top to bottom: build the student → shrink its structure → distill on the DeepSpeed engine
+→ quantize → save the artifact → load it back and measure what was saved.
+
+The order is fixed: structure first (layers, heads, FFN neurons, low rank: they change shapes, so they come
+before training lets the student recover), then distillation (with the gradual unstructured-pruning schedule
+and QAT fake-quant inside it), then conversion to low-bit weights (which only rounds what training settled).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from workers.configs import TrialConfig
+from workers.data import Encoded
+
+__all__ = ["TrialContext", "run"]
+
+
+@dataclass
+class TrialContext:
+    """Everything a trial reads besides its config; built once per job and shared by all trials."""
+
+    teacher_uri: str
+    teacher_metrics: dict  # the bar: metric_drop is measured against teacher_metrics["metric"]
+    train: Encoded
+    eval: Encoded
+    teacher_logits: np.ndarray
+    metric: str  # accuracy | f1 | accuracy_f1
+    out_dir: str  # the artifact is written here
+    seq_len: int = 128
+    latency_threads: int = 1
+    latency_runs: int = 20
+    report: Callable[[dict], None] | None = None  # intermediate metrics for the scheduler (ASHA)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    provenance: dict = field(default_factory=dict)  # job id, dataset, ... written into the artifact
+
+
+def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
+    """Run the recipe for ``cfg``; returns the trial result (see DESIGN.md: metric, size_bytes, latency...)."""
+    from workers import artifacts
+    from workers.distill import distill
+    from workers.evaluate import measure, predict_logits, task_metrics
+    from workers.lowrank import factorize
+    from workers.prune import prune, schedule
+    from workers.quantize import prepare_qat, quantize
+    from workers.student import build
+
+    t0 = time.perf_counter()
+    needs_teacher_model = cfg.distill.hidden_weight > 0 or cfg.distill.attention_weight > 0
+    teacher, tokenizer, _ = artifacts.load(ctx.teacher_uri,
+                                           attn_implementation="eager" if needs_teacher_model else "sdpa")
+
+    # 1. structure
+    student = build(teacher, cfg.student)
+    if cfg.prune is not None:
+        student = prune(student, cfg.prune, data=ctx.train, teacher_logits=ctx.teacher_logits)
+    if cfg.lowrank is not None:
+        student = factorize(student, cfg.lowrank)
+
+    # 2. distillation (pruning schedule and fake-quant live inside it)
+    if cfg.quant is not None:
+        student = prepare_qat(student, cfg.quant)  # a no-op unless the config is QAT
+    callbacks = [cb for cb in (schedule(student, cfg.prune),) if cb is not None]
+    if ctx.report is not None and cfg.train.eval_every:
+        def evaluate_now(step, total, model):
+            if step % cfg.train.eval_every == 0 and step < total:
+                m = task_metrics(predict_logits(model, ctx.eval), ctx.eval.labels, ctx.metric)
+                model.train()
+                ctx.report({"step": step, "metric": m["metric"], "metric_drop": ctx.teacher_metrics["metric"] -
+                            m["metric"]})
+        callbacks.append(evaluate_now)
+    trained = distill(student, ctx.train, cfg.distill, cfg.train, teacher_logits=ctx.teacher_logits,
+                      teacher=teacher if needs_teacher_model else None, callbacks=callbacks,
+                      checkpoint_dir=ctx.checkpoint_dir, checkpoint_every=ctx.checkpoint_every, resume=ctx.resume)
+
+    # 3. low-bit conversion (PTQ calibrates on training rows)
+    if cfg.quant is not None:
+        student = quantize(student, cfg.quant, calibration=ctx.train)
+
+    # 4. save, then measure the artifact as it will be served
+    meta = {"role": "student", "trial_config": cfg.to_dict(), "teacher": ctx.teacher_uri, **ctx.provenance}
+    info = artifacts.save(student, tokenizer, ctx.out_dir, meta=meta)
+    loaded, _, _ = artifacts.load(info.uri)
+    m = measure(loaded, ctx.eval, ctx.metric, seq_len=ctx.seq_len, threads=ctx.latency_threads,
+                runs=ctx.latency_runs)
+    result = {
+        **m,
+        "metric_drop": ctx.teacher_metrics["metric"] - m["metric"],
+        "size_bytes": info.size_bytes,
+        "artifact_bytes": info.artifact_bytes,
+        "sha256": info.sha256,
+        "artifact_uri": info.uri,
+        "sparsity": _sparsity(loaded),
+        "bits": _bits(cfg),
+        "train_steps": trained.steps,
+        "train_loss": trained.loss,
+        "train_seconds": trained.seconds,
+        "trial_seconds": time.perf_counter() - t0,
+    }
+    artifacts.update_meta(info.uri, metrics=result)
+    return result
+
+
+def _bits(cfg: TrialConfig) -> float:
+    from workers.configs import Int4WeightOnly, MixedPrecision
+
+    if cfg.quant is None:
+        return 32
+    if isinstance(cfg.quant, Int4WeightOnly):
+        return 4
+    if isinstance(cfg.quant, MixedPrecision):
+        return cfg.quant.bit_budget
+    return 8
+
+
+def _sparsity(model) -> float:
+    """Share of zeros among the float Linear weights of the encoder (0 for quantized layers)."""
+    import torch
+
+    zeros = total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".encoder." in f".{name}.":
+            zeros += int((mod.weight == 0).sum())
+            total += mod.weight.numel()
+    return zeros / total if total else 0.0
