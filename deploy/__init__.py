@@ -1,0 +1,3 @@
+"""The Ray Serve application that serves a promoted artifact, and cluster manifests (deploy/cluster/)."""
+
+__all__ = ["serve"]

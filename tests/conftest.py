@@ -73,3 +73,62 @@ def random_batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 1000, (4, 16), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A tiny BERT checkpoint + tokenizer on disk, standing in for a hub model (no task head trained yet)."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    d = tmp_path_factory.mktemp("tiny-teacher")
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_bert_config(layers=2)).save_pretrained(d)
+    _tokenizer(d).save_pretrained(d)
+    return d
+
+
+def _tokenizer(d):
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"[unused{i}]" for i in range(95)]
+    words = ("the a an and or but not no very good bad great awful movie film story plot actor actors fun boring "
+             "love hate best worst is was it this that of to in on with for as by funny dull sweet mess smart "
+             "stupid one two more less really quite").split()
+    vocab += words + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += [f"w{i}" for i in range(1000 - len(vocab))]
+    (d / "vocab.txt").write_text("\n".join(vocab[:1000]) + "\n")
+    return BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs, loopback) for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_job(teacher_dir, tmp_path, **over) -> dict:
+    """A real job spec on the tiny teacher and 200 SST-2 rows."""
+    spec = {
+        "name": "tiny",
+        "teacher": str(teacher_dir),
+        "task": {"dataset": "glue/sst2", "train_size": 200, "eval_size": 100, "max_length": 32},
+        "teacher_train": {"epochs": 2, "lr": 1e-3, "batch_size": 16},
+        "search": {"student": {"layers": [1, 2]}, "prune": {"kind": ["none", "heads"], "sparsity": 0.5,
+                                                             "importance": "magnitude"},
+                   "quant": {"mode": ["none", "dynamic"]}, "train": {"lr": {"low": 1e-4, "high": 1e-3, "log": True}}},
+        "algorithm": {"name": "tpe", "asha": True, "grace_period": 4, "max_t": 13, "reduction_factor": 2},
+        "objectives": ["metric:max", "size_bytes:min", "latency_ms_b1:min"],
+        "budget": {"num_trials": 4, "max_concurrent": 1},
+        "train": {"epochs": 1, "batch_size": 16, "eval_every": 4},
+        "latency": {"runs": 3, "seq_len": 16},
+        "storage": {"db_url": f"sqlite:///{tmp_path}/slimray.db", "artifact_dir": str(tmp_path / "jobs")},
+    }
+    for k, v in over.items():
+        spec[k] = {**spec[k], **v} if isinstance(v, dict) and isinstance(spec.get(k), dict) else v
+    return spec

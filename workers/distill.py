@@ -228,12 +228,13 @@ def distill(student: nn.Module, data: Encoded, cfg: DistillConfig, train: TrainC
         losses.append(loss.item())
         if micro % train.grad_accum == 0:
             step += 1
+            # the checkpoint comes first so a callback that reports it hands over this step's state
+            if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == total):
+                engine.save_checkpoint(checkpoint_dir, client_state={"step": step})
             for cb in callbacks:
                 cb(step, total, student)
             if progress is not None:
                 progress(step, total, float(np.mean(losses[-20:])))
-            if checkpoint_dir and checkpoint_every and (step % checkpoint_every == 0 or step == total):
-                engine.save_checkpoint(checkpoint_dir, client_state={"step": step})
     student.eval()
     return DistillResult(steps=step, seconds=time.perf_counter() - t0,
                          loss=float(np.mean(losses[-20:])) if losses else float("nan"), resumed_from=start_step)

@@ -34,7 +34,8 @@ class TrialContext:
     seq_len: int = 128
     latency_threads: int = 1
     latency_runs: int = 20
-    report: Callable[[dict], None] | None = None  # intermediate metrics for the scheduler (ASHA)
+    report: Callable[[dict, str | None], None] | None = None  # (intermediate metrics, checkpoint dir or None)
+    is_chief: bool = True  # in data-parallel trials only rank 0 saves and measures
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
@@ -72,12 +73,17 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
             if step % cfg.train.eval_every == 0 and step < total:
                 m = task_metrics(predict_logits(model, ctx.eval), ctx.eval.labels, ctx.metric)
                 model.train()
-                ctx.report({"step": step, "metric": m["metric"], "metric_drop": ctx.teacher_metrics["metric"] -
-                            m["metric"]})
+                saved = bool(ctx.checkpoint_dir and ctx.checkpoint_every and step % ctx.checkpoint_every == 0)
+                ctx.report({"step": step, "metric": m["metric"],
+                            "metric_drop": ctx.teacher_metrics["metric"] - m["metric"]},
+                           ctx.checkpoint_dir if saved else None)
         callbacks.append(evaluate_now)
     trained = distill(student, ctx.train, cfg.distill, cfg.train, teacher_logits=ctx.teacher_logits,
                       teacher=teacher if needs_teacher_model else None, callbacks=callbacks,
                       checkpoint_dir=ctx.checkpoint_dir, checkpoint_every=ctx.checkpoint_every, resume=ctx.resume)
+
+    if not ctx.is_chief:
+        return {"train_steps": trained.steps}
 
     # 3. low-bit conversion (PTQ calibrates on training rows)
     if cfg.quant is not None:

@@ -1,0 +1,246 @@
+"""The `slimray` command line: submit and follow search jobs, query the store, plot the front."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from workers.errors import SlimrayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="slimray: search, compress and serve transformer models.")
+console = Console()
+err_console = Console(stderr=True)
+
+COLUMNS = ("trial_id", "status", "metric", "metric_drop", "size_bytes", "latency_ms_b1", "latency_ms_b32",
+           "params", "attempts", "on_front")
+
+
+def _fail(err: BaseException) -> None:
+    """One line for the user; the traceback goes to the log file."""
+    from orchestrator.jobs import home
+
+    log_dir = home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "slimray.log", "a") as fh:
+        fh.write("".join(traceback.format_exception(err)))
+    err_console.print(f"[red]error:[/red] {err}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _guard(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SlimrayError as err:
+            _fail(err)
+
+    return wrapper
+
+
+def _fmt(v, key: str = "") -> str:
+    if v is None:
+        return "-"
+    if key == "size_bytes":
+        return f"{v / 1e6:.2f} MB"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    if isinstance(v, bool):
+        return "*" if v else ""
+    return str(v)
+
+
+def _trial_table(trials: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for c in COLUMNS:
+        table.add_column(c, justify="right" if c not in ("trial_id", "status") else "left")
+    for t in trials:
+        table.add_row(*[_fmt(t.get(c), c) for c in COLUMNS])
+    return table
+
+
+def _progress_table(store, job_id: str) -> Table:
+    job = store.get_job(job_id)
+    trials = store.trials(job_id)
+    counts = job.get("trial_counts", {})
+    best = [t for t in trials if t.get("metric") is not None and t["status"] == "terminated"]
+    best.sort(key=lambda t: (-(t["metric"] or 0), t.get("size_bytes") or 0))
+    table = Table(title=f"{job_id}: {job['status']} · done {counts.get('terminated', 0)} · "
+                        f"running {counts.get('running', 0)} · stopped early {counts.get('stopped_early', 0)} · "
+                        f"failed {counts.get('error', 0)}")
+    for c in ("trial_id", "metric", "metric_drop", "size", "latency_ms_b1"):
+        table.add_column(c)
+    for t in best[:5]:
+        table.add_row(t["trial_id"], _fmt(t["metric"]), _fmt(t["metric_drop"]), _fmt(t["size_bytes"], "size_bytes"),
+                      _fmt(t["latency_ms_b1"]))
+    return table
+
+
+def _follow(db_url: str, job_id: str, stop: threading.Event) -> None:
+    """Live view of a running job, read from the store (the driver writes it)."""
+    from db import Store
+
+    store = Store(db_url)
+    with Live(console=console, refresh_per_second=1, transient=False) as live:
+        while not stop.wait(2.0):
+            try:
+                live.update(_progress_table(store, job_id))
+            except SlimrayError:
+                pass  # the job row may not exist for the first second
+        try:
+            live.update(_progress_table(store, job_id))
+        except SlimrayError:
+            pass
+
+
+@app.command()
+@_guard
+def submit(spec: Path = typer.Argument(..., help="job spec YAML"),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else local)"),
+           detach: bool = typer.Option(False, help="run the driver on the cluster through the Ray Jobs API"),
+           job_id: Optional[str] = typer.Option(None, "--job-id", help="use this job id (for resubmission)"),
+           quiet: bool = typer.Option(False, help="no live progress display")):
+    """Run a search job; shows trials done/running/failed and the best so far."""
+    from orchestrator.jobs import new_job_id, open_store, submit as do_submit
+    from orchestrator.spec import load
+
+    parsed = load(spec)
+    jid = job_id or new_job_id(parsed.name)
+    if detach:
+        jid = do_submit(spec, address=address, job_id=jid, detach=True)
+        console.print(f"submitted {jid} to the cluster; follow it with `slimray status {jid}`")
+        return
+    store = open_store(parsed)
+    stop = threading.Event()
+    watcher = None
+    if not quiet and sys.stdout.isatty():
+        watcher = threading.Thread(target=_follow, args=(store.url, jid, stop), daemon=True)
+        watcher.start()
+    try:
+        do_submit(spec, address=address, job_id=jid, store=store)
+    finally:
+        stop.set()
+        if watcher:
+            watcher.join(timeout=5)
+    job = store.get_job(jid)
+    trials = store.trials(jid)
+    console.print(_trial_table([t for t in trials if t["on_front"]], f"{jid}: Pareto front"))
+    console.print(f"job {jid} {job['status']}: {len(trials)} trials; "
+                  f"`slimray results {jid}` for all, `slimray pareto {jid} --plot front.png` to plot")
+
+
+@app.command()
+@_guard
+def status(job: Optional[str] = typer.Argument(None, help="job id (default: all recent jobs)")):
+    """A job's state and trial counts (or the recent jobs)."""
+    from orchestrator.jobs import open_store
+
+    store = open_store()
+    if job is None:
+        return jobs()
+    console.print(_progress_table(store, job))
+    j = store.get_job(job)
+    if j.get("error"):
+        console.print(f"error: {j['error']}")
+
+
+@app.command()
+@_guard
+def jobs(limit: int = typer.Option(20, help="how many")):
+    """List jobs, newest first."""
+    from orchestrator.jobs import open_store
+
+    table = Table(title="jobs")
+    for c in ("id", "status", "teacher", "dataset", "trials", "created"):
+        table.add_column(c)
+    for j in open_store().list_jobs(limit=limit):
+        table.add_row(j["id"], j["status"], str(j.get("teacher")), str(j.get("dataset")),
+                      str(sum(j.get("trial_counts", {}).values())), str(j.get("created_at", ""))[:19])
+    console.print(table)
+
+
+@app.command()
+@_guard
+def results(job: str, fmt: str = typer.Option("table", "--format", help="table | csv | json"),
+            pareto: bool = typer.Option(False, "--pareto", help="only the Pareto front")):
+    """Every trial of a job with its config and metrics."""
+    from orchestrator.jobs import open_store
+
+    if fmt not in ("table", "csv", "json"):
+        raise SlimrayError(f"--format must be table, csv or json, got {fmt!r}")
+    store = open_store()
+    trials = [t for t in store.trials(job) if t["on_front"] or not pareto]
+    if fmt == "json":
+        typer.echo(json.dumps({"job": store.get_job(job), "trials": trials}, indent=2, default=str))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(COLUMNS + ("config",))
+        for t in trials:
+            w.writerow([t.get(c) for c in COLUMNS] + [json.dumps(t.get("config"), sort_keys=True)])
+        typer.echo(buf.getvalue().rstrip("\n"))
+    else:
+        base = store.get_job(job).get("baseline") or {}
+        console.print(_trial_table(trials, f"{job} ({'front' if pareto else 'all trials'}); teacher metric "
+                                           f"{_fmt(base.get('metric'))}, size {_fmt(base.get('size_bytes'), 'size_bytes')}"))
+
+
+@app.command("pareto")
+@_guard
+def pareto_cmd(job: str, plot: Optional[Path] = typer.Option(None, help="write a PNG of the front here")):
+    """The Pareto front of a job (and its hypervolume); --plot draws metric vs size and vs latency."""
+    from orchestrator.jobs import open_store
+    from orchestrator.report import front_summary, plot_front
+
+    store = open_store()
+    summary = front_summary(store, job)
+    console.print(_trial_table(summary["front"], f"{job}: Pareto front, hypervolume {summary['hypervolume']:.4g}"))
+    if plot:
+        plot_front(store, job, plot)
+        console.print(f"plot written to {plot}")
+
+
+@app.command()
+@_guard
+def resume(job: str, address: Optional[str] = typer.Option(None)):
+    """Continue an interrupted job; finished trials are kept."""
+    from orchestrator.jobs import resume as do_resume
+
+    do_resume(job, address=address)
+    console.print(f"job {job} resumed and finished; `slimray results {job}`")
+
+
+@app.command()
+@_guard
+def cancel(job: str):
+    """Stop a running job (its driver stops every trial within seconds)."""
+    from orchestrator.jobs import cancel as do_cancel
+
+    do_cancel(job)
+    console.print(f"job {job} marked cancelled")
+
+
+@app.command()
+@_guard
+def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the demo job spec")):
+    """The main job end to end on the embedded defaults: teacher → search → store → front."""
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    submit(spec=spec, address=None, detach=False, job_id=None, quiet=False)
+
+
+def main():  # pragma: no cover - console script entry
+    app()

@@ -1,0 +1,205 @@
+"""submit / resume / cancel a search job: the spine of DESIGN.md, wired together.
+
+    submit(spec) → Job row → Ray (embedded or --address) → teacher prepared once (a Ray task) → its data and
+    logits put in the object store → Tuner(run_trial, searcher, ASHA, Recorder) → Pareto front → Job finished
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+
+from orchestrator.spec import JobSpec, parse
+from workers.errors import SlimrayError
+
+__all__ = ["submit", "resume", "cancel", "new_job_id", "home", "connect_ray", "compute_front", "open_store"]
+
+log = logging.getLogger(__name__)
+
+
+def home() -> Path:
+    return Path(os.environ.get("SLIMRAY_HOME", Path.home() / ".slimray")).expanduser()
+
+
+def open_store(spec: JobSpec | None = None):
+    from db import Store
+
+    url = (spec.storage.db_url if spec is not None else None) or None
+    return Store(url)
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{time.strftime('%m%d%H%M')}-{secrets.token_hex(2)}"
+
+
+def _artifact_root(spec: JobSpec, job_id: str) -> Path:
+    root = Path(spec.storage.artifact_dir).expanduser() if spec.storage.artifact_dir else home() / "jobs"
+    return (root / job_id).resolve()
+
+
+def connect_ray(address: str | None = None, *, dashboard: bool = False, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or RAY_ADDRESS) when given, else start the embedded local Ray on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps every node on 127.0.0.1 (STACK.md)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+
+
+def _prepare_teacher(spec: JobSpec, cache_dir: Path) -> dict:
+    """Runs as a Ray task so that, on a cluster, the teacher trains on a worker node, not the driver."""
+    from workers.data import load
+    from workers.teacher import prepare
+
+    data = load(spec.task)
+    t = prepare(spec.teacher, data, spec.teacher_train, cache_dir, latency_threads=spec.latency.threads,
+                latency_runs=spec.latency.runs)
+    return {"teacher_uri": t.uri, "teacher_metrics": t.metrics, "train": t.train, "eval": t.eval,
+            "logits": t.train_logits, "dataset": data.source}
+
+
+def _base_trial(spec: JobSpec) -> dict:
+    return {"train": dataclasses.asdict(spec.train), "distill": dataclasses.asdict(spec.distill)}
+
+
+def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, restore_path: str | None):
+    from ray import tune
+
+    from orchestrator.recorder import Recorder
+    from orchestrator.stopper import CancelStopper
+    from orchestrator.trainable import run_trial
+    from search.algorithms import make, param_space_for
+
+    resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    if spec.resources.distributed:  # the trial actor only drives the TorchTrainer; its workers hold the CPUs
+        resources = {"cpu": 0.01}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared, settings=settings), resources)
+    if restore_path:
+        return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    search_alg, scheduler = make(spec.search, spec.algorithm)
+    from ray.tune.search import ConcurrencyLimiter
+
+    if search_alg is not None and spec.budget.max_concurrent and hasattr(search_alg, "set_max_concurrency"):
+        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=spec.budget.max_concurrent)
+    root = _artifact_root(spec, job_id)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space_for(spec.search, spec.algorithm),
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=spec.budget.num_trials,
+                                    max_concurrent_trials=spec.budget.max_concurrent,
+                                    time_budget_s=spec.budget.time_budget_s, reuse_actors=False),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(root), verbose=0,
+            callbacks=[Recorder(store_url, job_id, _base_trial(spec))],
+            stop=CancelStopper(store_url, job_id),
+            failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def compute_front(store, job_id: str, spec: JobSpec) -> list[str]:
+    """Flag the non-dominated finished trials of ``job_id`` on the spec's objectives; returns their ids."""
+    from search.pareto import front
+
+    done = [t for t in store.trials(job_id, status="terminated")
+            if all(t.get(o.name) is not None for o in spec.objectives)]
+    values = [[float(t[o.name]) for o in spec.objectives] for t in done]
+    ids = [done[i]["trial_id"] for i in front(values, [o.mode for o in spec.objectives])] if done else []
+    store.set_front(job_id, ids)
+    return ids
+
+
+def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, progress=None) -> str:
+    import ray
+
+    from orchestrator.trainable import TrialSettings
+    from workers.teacher import code_version
+
+    root = _artifact_root(spec, job_id)
+    root.mkdir(parents=True, exist_ok=True)
+    connect_ray(spec.ray_address, dashboard=spec.resources.distributed)
+    store.set_job_status(job_id, "running")
+    store.set_job_tune_path(job_id, str(root / "tune"))
+    try:
+        cache = root.parent / "teachers"
+        prep = ray.remote(num_cpus=min(spec.resources.cpus, 1), num_gpus=spec.resources.gpus)(_prepare_teacher)
+        bundle = ray.get(prep.remote(spec, cache))
+        store.set_job_baseline(job_id, {**bundle["teacher_metrics"], "uri": bundle["teacher_uri"]})
+        shared = {"ref": ray.put(bundle)}  # wrapped in a dict: with_parameters would resolve a bare ref
+        settings = TrialSettings(
+            job_id=job_id, base=_base_trial(spec), out_root=str(root / "trials"), metric=spec.task.metric,
+            seq_len=spec.seq_len, latency_threads=spec.latency.threads, latency_runs=spec.latency.runs,
+            workers=spec.resources.workers, cpus=spec.resources.cpus, gpus=spec.resources.gpus,
+            checkpoint_every=spec.train.eval_every,
+            provenance={"job_id": job_id, "dataset": bundle["dataset"], "task": dataclasses.asdict(spec.task),
+                        "code_version": code_version()})
+        tuner = _tuner(spec, job_id, store.url, shared, settings,
+                       restore_path if restore_path and Path(restore_path).exists() else None)
+        tuner.fit()
+        compute_front(store, job_id, spec)
+        if store.get_job(job_id)["status"] != "cancelled":
+            store.set_job_status(job_id, "finished")
+    except KeyboardInterrupt:
+        store.set_job_status(job_id, "interrupted", error="interrupted by the user; `slimray resume` continues it")
+        raise
+    except BaseException as err:
+        store.set_job_status(job_id, "failed", error=(str(err).splitlines() or [type(err).__name__])[0][:500])
+        raise
+    return job_id
+
+
+def submit(spec: JobSpec | dict | str | os.PathLike, *, address: str | None = None, job_id: str | None = None,
+           detach: bool = False, store=None) -> str:
+    """Run a search job to completion (or hand it to the cluster with ``detach``); returns the job id."""
+    from orchestrator.spec import load
+    from workers.teacher import code_version
+
+    spec_path = None
+    if isinstance(spec, (str, os.PathLike)):
+        spec_path = Path(spec)
+        spec = load(spec_path)
+    elif isinstance(spec, dict):
+        spec = parse(spec)
+    if address:
+        spec = dataclasses.replace(spec, ray_address=address)
+    job_id = job_id or new_job_id(spec.name)
+    if detach:
+        from orchestrator.detach import submit_detached
+
+        return submit_detached(spec, job_id, spec_path)
+    store = store or open_store(spec)
+    store.create_job(job_id, spec.name, spec.to_dict(), teacher=spec.teacher, dataset=spec.task.dataset,
+                     code_version=code_version())
+    return _run(job_id, spec, store)
+
+
+def resume(job_id: str, *, address: str | None = None, store=None) -> str:
+    """Continue an interrupted or failed job from Tune's saved state; finished trials are not rerun."""
+    store = store or open_store()
+    job = store.get_job(job_id)
+    if job["status"] == "finished":
+        raise SlimrayError(f"job {job_id} already finished; see `slimray results {job_id}`")
+    spec = parse(job["spec"])
+    if address:
+        spec = dataclasses.replace(spec, ray_address=address)
+    return _run(job_id, spec, store, restore_path=job.get("tune_path"))
+
+
+def cancel(job_id: str, *, store=None) -> None:
+    """Ask a running job to stop: its driver sees the flag within seconds and stops every trial."""
+    store = store or open_store()
+    job = store.get_job(job_id)
+    if job["status"] in ("finished", "failed", "cancelled"):
+        raise SlimrayError(f"job {job_id} is already {job['status']}")
+    store.set_job_status(job_id, "cancelled", error="cancelled by the user")

@@ -1,0 +1,78 @@
+"""The driver's Tune callback: every trial start, report, completion and failure lands in the SQL store.
+
+It runs in the driver only (one writer). It is pickled with the Tuner's state for ``Tuner.restore``, so it
+holds the store's URL and opens the store lazily.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ray.tune import Callback
+
+__all__ = ["Recorder", "STEP_KEYS"]
+
+log = logging.getLogger(__name__)
+# what per-step history keeps of a report (Tune adds many bookkeeping keys)
+STEP_KEYS = ("step", "metric", "metric_drop", "accuracy", "f1", "size_bytes", "latency_ms_b1", "latency_ms_b32")
+
+
+class Recorder(Callback):
+    def __init__(self, db_url: str, job_id: str, base_config: dict):
+        self.db_url, self.job_id, self.base_config = db_url, job_id, base_config
+        self._store = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def store(self):
+        if self._store is None:
+            from db import Store
+
+            self._store = Store(self.db_url)
+        return self._store
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        from orchestrator.trainable import trial_config
+
+        self.store.trial_started(self.job_id, trial.trial_id, trial_config(trial.config, self.base_config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("final"):
+            return  # the final result is stored by on_trial_complete
+        values = {k: result[k] for k in STEP_KEYS if k in result}
+        self.store.trial_reported(self.job_id, trial.trial_id, int(result.get("step", 0)), values)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = dict(trial.last_result or {})
+        if result.get("final"):
+            self.store.trial_finished(self.job_id, trial.trial_id, "terminated", _clean(result))
+            if result.get("artifact_uri"):
+                self.store.add_artifact(self.job_id, trial.trial_id, result["artifact_uri"],
+                                        int(result.get("size_bytes", 0)), result.get("sha256", ""))
+        else:  # the scheduler stopped it before the recipe finished (ASHA)
+            self.store.trial_finished(self.job_id, trial.trial_id, "stopped_early", _clean(result))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # a crashed trial that Tune will retry: keep its error; the retry's start counts the next attempt
+        self._record_error(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._record_error(trial)
+
+    def _record_error(self, trial):
+        text = ""
+        err_file = getattr(trial, "error_file", None)
+        if err_file and Path(err_file).is_file():
+            text = Path(err_file).read_text(errors="replace")
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        line = lines[-1] if lines else "trial failed (no error message)"
+        self.store.trial_failed(self.job_id, trial.trial_id, line[:500], text or None)
+
+
+def _clean(result: dict) -> dict:
+    drop = {"config", "trial_id", "experiment_id", "date", "timestamp", "pid", "hostname", "node_ip",
+            "time_since_restore", "iterations_since_restore", "checkpoint_dir_name", "experiment_tag", "done",
+            "training_iteration", "time_this_iter_s", "time_total_s", "final"}
+    return {k: v for k, v in result.items() if k not in drop and isinstance(v, (int, float, str, bool))}

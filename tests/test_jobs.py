@@ -1,0 +1,64 @@
+"""End-to-end search jobs on a local Ray: spec → Tune (TPE + ASHA) → DeepSpeed trials → SQL store → CLI."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_job
+from db import Store
+from orchestrator.cli import app
+from orchestrator.jobs import submit
+from orchestrator.spec import parse
+
+pytestmark = pytest.mark.slow
+
+
+def test_search_records_every_trial_once_and_cli_reads_them(tiny_teacher_dir, tmp_path, ray_local, monkeypatch):
+    raw = tiny_job(tiny_teacher_dir, tmp_path)
+    job_id = submit(parse(raw))
+    store = Store(raw["storage"]["db_url"])
+    job = store.get_job(job_id)
+    trials = store.trials(job_id)
+    assert job["status"] == "finished" and job["baseline"]["metric"] > 0
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4
+    assert all(t["config"]["student"]["layers"] in (1, 2) for t in trials)
+    done = [t for t in trials if t["status"] == "terminated"]
+    assert done and all(t["size_bytes"] > 0 and t["latency_ms_b1"] > 0 and t["artifact_uri"] for t in done)
+    assert all(t["status"] in ("terminated", "stopped_early") for t in trials)
+    assert any(t["on_front"] for t in done)
+    assert store.metric_history(job_id, done[0]["trial_id"])  # per-step history was recorded
+    # sizes are real: a 1-layer student's artifact is smaller than a 2-layer one's
+    by_layers = {t["config"]["student"]["layers"]: t["size_bytes"] for t in done if t["config"].get("prune",
+                 {}).get("kind", "none") == "none" and t["config"].get("quant", {}).get("mode", "none") == "none"}
+    if len(by_layers) == 2:
+        assert by_layers[1] < by_layers[2]
+
+    monkeypatch.setenv("SLIMRAY_DB_URL", raw["storage"]["db_url"])
+    runner = CliRunner()
+    out = runner.invoke(app, ["results", job_id, "--format", "json"])
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.output)["trials"]) == 4
+    out = runner.invoke(app, ["results", job_id, "--format", "csv", "--pareto"])
+    assert out.exit_code == 0 and out.output.count("\n") == sum(t["on_front"] for t in trials)
+    plot = tmp_path / "front.png"
+    out = runner.invoke(app, ["pareto", job_id, "--plot", str(plot)])
+    assert out.exit_code == 0, out.output
+    assert plot.stat().st_size > 10_000 and "hypervolume" in out.output
+    out = runner.invoke(app, ["jobs"])
+    assert job_id[:10] in out.output
+    out = runner.invoke(app, ["results", "no-such-job"])
+    assert out.exit_code == 2 and "no job 'no-such-job'" in out.output
+
+
+def test_failing_trial_is_recorded_with_traceback(tiny_teacher_dir, tmp_path, ray_local):
+    # the teacher has 2 layers: a 5-layer student is impossible and fails inside the trial
+    raw = tiny_job(tiny_teacher_dir, tmp_path, search={"student": {"layers": [5]}, "prune": {"kind": "none"},
+                                                       "quant": {"mode": "none"}},
+                   budget={"num_trials": 2, "max_concurrent": 1, "max_failures": 0},
+                   algorithm={"name": "random", "asha": False})
+    job_id = submit(parse(raw))
+    store = Store(raw["storage"]["db_url"])
+    trials = store.trials(job_id)
+    assert store.get_job(job_id)["status"] == "finished"
+    assert len(trials) == 2 and all(t["status"] == "error" for t in trials)
+    assert all("student.layers" in t["error"] and "Traceback" in t["traceback"] for t in trials)
