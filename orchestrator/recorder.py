@@ -6,6 +6,7 @@ holds the store's URL and opens the store lazily.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from ray.tune import Callback
@@ -65,7 +66,7 @@ class Recorder(Callback):
         text = ""
         err_file = getattr(trial, "error_file", None)
         if err_file and Path(err_file).is_file():
-            text = Path(err_file).read_text(errors="replace")
+            text = re.sub(r"\x1b\[[0-9;]*m", "", Path(err_file).read_text(errors="replace"))  # Ray colours it
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         line = lines[-1] if lines else "trial failed (no error message)"
         self.store.trial_failed(self.job_id, trial.trial_id, line[:500], text or None)

@@ -39,7 +39,7 @@ def test_search_records_every_trial_once_and_cli_reads_them(tiny_teacher_dir, tm
     assert out.exit_code == 0, out.output
     assert len(json.loads(out.output)["trials"]) == 4
     out = runner.invoke(app, ["results", job_id, "--format", "csv", "--pareto"])
-    assert out.exit_code == 0 and out.output.count("\n") == sum(t["on_front"] for t in trials)
+    assert out.exit_code == 0 and out.output.count("\n") == 1 + sum(t["on_front"] for t in trials)  # header + rows
     plot = tmp_path / "front.png"
     out = runner.invoke(app, ["pareto", job_id, "--plot", str(plot)])
     assert out.exit_code == 0, out.output
@@ -61,4 +61,5 @@ def test_failing_trial_is_recorded_with_traceback(tiny_teacher_dir, tmp_path, ra
     trials = store.trials(job_id)
     assert store.get_job(job_id)["status"] == "finished"
     assert len(trials) == 2 and all(t["status"] == "error" for t in trials)
-    assert all("student.layers" in t["error"] and "Traceback" in t["traceback"] for t in trials)
+    assert all(t["error"].startswith("workers.errors.ConfigError: student.layers") for t in trials)
+    assert all("pick_layers" in t["traceback"] and "\x1b[" not in t["traceback"] for t in trials)

@@ -1,0 +1,45 @@
+"""`slimray submit --detach`: the driver runs on the cluster through the Ray Jobs API and outlives the client."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from workers.errors import SlimrayError
+
+__all__ = ["submit_detached", "dashboard_url"]
+
+
+def dashboard_url(address: str | None) -> str:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SlimrayError("--detach needs a running Ray cluster: pass --address http://HOST:8265 (its dashboard) or "
+                           "set RAY_ADDRESS; locally: `ray start --head --dashboard-host 127.0.0.1`")
+    if address.startswith(("http://", "https://")):
+        return address
+    host = address.removeprefix("ray://").split(":")[0]
+    return f"http://{host or '127.0.0.1'}:8265"
+
+
+def submit_detached(spec, job_id: str, spec_path: Path | None) -> str:
+    import yaml
+    from ray.job_submission import JobSubmissionClient
+
+    from orchestrator.jobs import open_store
+    from workers.teacher import code_version
+
+    store = open_store(spec)
+    # the row exists before the driver starts, so `slimray status` works at once; the driver's create is idempotent
+    store.create_job(job_id, spec.name, spec.to_dict(), teacher=spec.teacher, dataset=spec.task.dataset,
+                     code_version=code_version())
+    work = Path(tempfile.mkdtemp(prefix=f"slimray-{job_id}-"))
+    raw = dict(spec.raw)
+    raw.pop("ray_address", None)  # inside the cluster the driver joins it with address=auto
+    (work / "job.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k.startswith("SLIMRAY_")}
+    env.setdefault("SLIMRAY_DB_URL", store.url)
+    env["RAY_ADDRESS"] = "auto"
+    client = JobSubmissionClient(dashboard_url(spec.ray_address))
+    client.submit_job(entrypoint=f"slimray submit job.yaml --job-id {job_id} --quiet",
+                      submission_id=f"slimray-{job_id}", runtime_env={"working_dir": str(work), "env_vars": env})
+    return job_id
