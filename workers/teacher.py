@@ -89,11 +89,11 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
                        encode(data.train, tok, data.config.max_length), encode(data.eval, tok, data.config.max_length))
 
     try:
-        tok = AutoTokenizer.from_pretrained(path)
         if (Path(path) / "slimray.json").is_file():  # already a slimray teacher for this task
             net, tok, _ = artifacts.load(path)
             finetuned = False
         else:
+            tok = AutoTokenizer.from_pretrained(path)
             net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels)
             finetuned = True
     except OSError as err:

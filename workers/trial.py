@@ -105,6 +105,7 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
         "sparsity": _sparsity(loaded),
         "bits": _bits(cfg),
         "train_steps": trained.steps,
+        "train_workers": trained.world_size,
         "train_loss": trained.loss,
         "train_seconds": trained.seconds,
         "trial_seconds": time.perf_counter() - t0,
