@@ -97,10 +97,12 @@ class HeadPrune:
     sparsity: float = 0.5
     importance: str = "gradient"  # Michel et al. 2019 gradient importance, or weight magnitude
     heads: tuple[int, ...] | None = None  # explicit heads to keep per layer (overrides sparsity)
+    samples: int = 256  # training rows whose gradients rank the heads (gradient importance)
 
     def __post_init__(self):
         _unit(self.sparsity, "prune.sparsity")
         _choice(self.importance, "prune.importance", ("gradient", "magnitude"))
+        _positive_int(self.samples, "prune.samples")
         if self.heads is not None:
             object.__setattr__(self, "heads", tuple(self.heads))
             for i, h in enumerate(self.heads):
@@ -113,10 +115,12 @@ class FfnPrune:
 
     sparsity: float = 0.5
     importance: str = "gradient"
+    samples: int = 256  # training rows whose gradients rank the neurons/heads (gradient importance)
 
     def __post_init__(self):
         _unit(self.sparsity, "prune.sparsity")
         _choice(self.importance, "prune.importance", ("gradient", "magnitude"))
+        _positive_int(self.samples, "prune.samples")
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,12 @@ class StructuredPrune:
 
     sparsity: float = 0.5
     importance: str = "gradient"
+    samples: int = 256  # training rows whose gradients rank the neurons/heads (gradient importance)
 
     def __post_init__(self):
         _unit(self.sparsity, "prune.sparsity")
         _choice(self.importance, "prune.importance", ("gradient", "magnitude"))
+        _positive_int(self.samples, "prune.samples")
 
 
 PruneConfig = typing.Union[UnstructuredPrune, HeadPrune, FfnPrune, StructuredPrune]
@@ -137,11 +143,33 @@ _PRUNE_KINDS = {"unstructured": UnstructuredPrune, "heads": HeadPrune, "ffn": Ff
 
 # --------------------------------------------------------------------------- quantization
 
+_BITS = (4, 8)  # what workers.modules can store and run: int8 rows, or int4 packed two per byte
+_GROUP_SIZES = (16, 32, 64, 128, 256)
+
+
+def _bits(value, path: str) -> None:
+    _check(value in _BITS and not isinstance(value, bool), path, "one of 4|8 (other widths have no kernel or "
+           "packing here)", value)
+
+
+def _group_size(value, path: str = "quant.group_size") -> None:
+    _check(value in _GROUP_SIZES and not isinstance(value, bool), path, "one of 16|32|64|128|256", value)
+
+
+def _embeddings(embeddings, embedding_bits) -> None:
+    _check(isinstance(embeddings, bool), "quant.embeddings", "true or false", embeddings)
+    _bits(embedding_bits, "quant.embedding_bits")
+
+
 @dataclass(frozen=True)
 class DynamicInt8:
     """Post-training dynamic INT8: int8 weights (per-channel), activations quantized on the fly."""
 
-    embeddings: bool = True  # embeddings are half of MiniLM's parameters: store them in int8 too
+    embeddings: bool = True  # embeddings are half of MiniLM's parameters: store them in low bits too
+    embedding_bits: int = 8  # 4 packs the word embeddings two per byte (one scale per 64 columns)
+
+    def __post_init__(self):
+        _embeddings(self.embeddings, self.embedding_bits)
 
 
 @dataclass(frozen=True)
@@ -151,10 +179,12 @@ class StaticInt8:
     calibration_samples: int = 128
     observer: str = "minmax"  # minmax | histogram | percentile
     embeddings: bool = True
+    embedding_bits: int = 8
 
     def __post_init__(self):
         _positive_int(self.calibration_samples, "quant.calibration_samples")
         _choice(self.observer, "quant.observer", ("minmax", "histogram", "percentile"))
+        _embeddings(self.embeddings, self.embedding_bits)
 
 
 @dataclass(frozen=True)
@@ -162,6 +192,12 @@ class QatInt8:
     """Quantization-aware training: fake-quant (STE) during distillation, then converted to real int8."""
 
     embeddings: bool = True
+    embedding_bits: int = 8
+    observer_momentum: float = 0.01  # weight of each batch in the moving-average activation range
+
+    def __post_init__(self):
+        _embeddings(self.embeddings, self.embedding_bits)
+        _unit(self.observer_momentum, "quant.observer_momentum", closed_high=True, open_low=True)
 
 
 @dataclass(frozen=True)
@@ -170,24 +206,44 @@ class Int4WeightOnly:
 
     group_size: int = 64
     embeddings: bool = True
+    embedding_bits: int = 4
+    activations: str = "fp32"  # fp32: weight-only (dequantized at load); int8: dynamic int8 through the int8 GEMM
 
     def __post_init__(self):
-        _check(self.group_size in (16, 32, 64, 128, 256), "quant.group_size", "one of 16|32|64|128|256",
-               self.group_size)
+        _group_size(self.group_size)
+        _embeddings(self.embeddings, self.embedding_bits)
+        _choice(self.activations, "quant.activations", ("fp32", "int8"))
 
 
 @dataclass(frozen=True)
 class MixedPrecision:
-    """Per-layer bits chosen by sensitivity under an average bit budget."""
+    """Per-layer bits chosen by sensitivity under an average bit budget: every encoder Linear starts at
+    ``min(bits)``; the most sensitive ones (logit KL vs the fp32 model on ``calibration_samples`` rows when
+    only that layer is low-bit) move to ``max(bits)`` while the parameter-weighted average stays ≤ budget."""
 
     bit_budget: float = 6.0  # average bits per Linear weight
     group_size: int = 64
+    bits: tuple[int, ...] = (4, 8)
+    calibration_samples: int = 64
+    embeddings: bool = True
+    embedding_bits: int = 8
+    activations: str = "fp32"  # of the 4-bit layers (8-bit ones always use dynamic int8); see Int4WeightOnly
 
     def __post_init__(self):
-        _check(isinstance(self.bit_budget, (int, float)) and 4 <= self.bit_budget <= 8, "quant.bit_budget",
-               "a number in [4, 8]", self.bit_budget)
-        _check(self.group_size in (16, 32, 64, 128, 256), "quant.group_size", "one of 16|32|64|128|256",
-               self.group_size)
+        _choice(self.activations, "quant.activations", ("fp32", "int8"))
+        if isinstance(self.bits, list):
+            object.__setattr__(self, "bits", tuple(self.bits))
+        _check(isinstance(self.bits, tuple) and len(self.bits) >= 1, "quant.bits", "a list of bit widths", self.bits)
+        for i, b in enumerate(self.bits):
+            _bits(b, f"quant.bits[{i}]")
+        object.__setattr__(self, "bits", tuple(sorted(set(self.bits))))
+        lo, hi = min(self.bits), max(self.bits)
+        _check(isinstance(self.bit_budget, (int, float)) and not isinstance(self.bit_budget, bool)
+               and lo <= self.bit_budget <= hi, "quant.bit_budget", f"a number in [{lo}, {hi}] (the bits)",
+               self.bit_budget)
+        _group_size(self.group_size)
+        _positive_int(self.calibration_samples, "quant.calibration_samples")
+        _embeddings(self.embeddings, self.embedding_bits)
 
 
 QuantConfig = typing.Union[DynamicInt8, StaticInt8, QatInt8, Int4WeightOnly, MixedPrecision]
@@ -199,21 +255,28 @@ _QUANT_KINDS = {"dynamic": DynamicInt8, "static": StaticInt8, "qat": QatInt8, "i
 
 @dataclass(frozen=True)
 class LowRankConfig:
-    """Replace FFN Linears by two thin ones (truncated SVD): rank = ratio * min(in, out), or the
-    smallest rank keeping ``energy`` of the squared singular values."""
+    """Replace FFN Linears by two thin ones (truncated SVD): rank = ceil(ratio * min(in, out)), or the
+    smallest rank keeping ``energy`` of the squared singular values. A layer whose rank would reach the
+    break-even in*out/(in+out) is left dense (two factors would not be smaller); ratio 1 therefore
+    factorizes nothing, and a ratio above 1 (a rank beyond min(in, out)) is rejected here."""
 
-    ratio: float | None = 0.5
+    ratio: float | None = None  # 0.5 when neither ratio nor energy is given
     energy: float | None = None
     targets: tuple[str, ...] = ("intermediate.dense", "output.dense")
 
     def __post_init__(self):
+        if self.ratio is None and self.energy is None:
+            object.__setattr__(self, "ratio", 0.5)
         _check((self.ratio is None) != (self.energy is None), "lowrank", "exactly one of ratio or energy",
                {"ratio": self.ratio, "energy": self.energy})
         if self.ratio is not None:
             _unit(self.ratio, "lowrank.ratio", closed_high=True, open_low=True)
         if self.energy is not None:
             _unit(self.energy, "lowrank.energy", closed_high=True, open_low=True)
+        _check(not isinstance(self.targets, str), "lowrank.targets", "a list of module-name suffixes", self.targets)
         object.__setattr__(self, "targets", tuple(self.targets))
+        _check(len(self.targets) > 0 and all(isinstance(t, str) and t for t in self.targets), "lowrank.targets",
+               "a non-empty list of module-name suffixes such as intermediate.dense", self.targets)
 
 
 # --------------------------------------------------------------------------- distillation + training
@@ -288,20 +351,21 @@ class TrialConfig:
 
 # --------------------------------------------------------------------------- JSON round trip
 
-def _kind_of(obj) -> str | None:
-    for table in (_PRUNE_KINDS, _QUANT_KINDS):
+def _tag_of(obj) -> tuple[str, str] | None:
+    """(tag key, value) of a tagged-union member: pruning says ``kind``, quantization says ``mode`` (DESIGN.md)."""
+    for key, table in (("kind", _PRUNE_KINDS), ("mode", _QUANT_KINDS)):
         for kind, typ in table.items():
             if type(obj) is typ:
-                return kind
+                return key, kind
     return None
 
 
 def to_dict(cfg) -> dict:
-    """A JSON-ready dict; tagged-union members carry their ``kind``."""
+    """A JSON-ready dict; tagged-union members carry their ``kind`` (pruning) or ``mode`` (quantization)."""
     out = {}
-    kind = _kind_of(cfg)
-    if kind is not None:
-        out["kind"] = kind
+    tag = _tag_of(cfg)
+    if tag is not None:
+        out[tag[0]] = tag[1]
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
@@ -325,19 +389,19 @@ def _build(typ, d, path: str):
         raise ConfigError(f"{path}: {err}") from None
 
 
-def _tagged(table: dict, d, path: str):
+def _tagged(table: dict, d, path: str, key: str):
     if d is None:
         return None
     if not isinstance(d, dict):
-        raise ConfigError(f"{path}: must be a mapping with a 'kind', got {d!r}")
+        raise ConfigError(f"{path}: must be a mapping with a '{key}', got {d!r}")
     d = dict(d)
-    kind = d.pop("kind", None)
+    kind = d.pop(key, None)
     if kind in (None, "none"):
         if kind is None and d:
-            raise ConfigError(f"{path}.kind: missing; allowed: none|{'|'.join(table)}")
+            raise ConfigError(f"{path}.{key}: missing; allowed: none|{'|'.join(table)}")
         return None
     if kind not in table:
-        raise ConfigError(f"{path}.kind: must be one of none|{'|'.join(table)}, got {kind!r}")
+        raise ConfigError(f"{path}.{key}: must be one of none|{'|'.join(table)}, got {kind!r}")
     return _build(table[kind], d, path)
 
 
@@ -356,9 +420,9 @@ def from_dict(typ, d: dict):
         lowrank = None  # ratio 0 is how a search space says "off"
     return TrialConfig(
         student=_build(StudentConfig, d.get("student", {}), "student"),
-        prune=_tagged(_PRUNE_KINDS, d.get("prune"), "prune"),
+        prune=_tagged(_PRUNE_KINDS, d.get("prune"), "prune", "kind"),
         lowrank=None if lowrank is None else _build(LowRankConfig, lowrank, "lowrank"),
-        quant=_tagged(_QUANT_KINDS, d.get("quant"), "quant"),
+        quant=_tagged(_QUANT_KINDS, d.get("quant"), "quant", "mode"),
         distill=_build(DistillConfig, d.get("distill", {}), "distill"),
         train=_build(TrainConfig, d.get("train", {}), "train"),
     )

@@ -20,7 +20,9 @@ class SpecError(ConfigError):
     """A job spec has problems; ``problems`` holds one line per problem."""
 
     def __init__(self, problems):
-        self.problems = list(problems) if not isinstance(problems, str) else [problems]
+        problems = list(problems) if not isinstance(problems, str) else [problems]
+        # one line each, whatever a user put in a key or value
+        self.problems = [str(p).replace("\r", "\\r").replace("\n", "\\n") for p in problems]
         super().__init__("; ".join(self.problems) if len(self.problems) == 1 else
                          f"{len(self.problems)} problems in the job spec:\n  " + "\n  ".join(self.problems))
 

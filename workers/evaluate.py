@@ -48,9 +48,16 @@ def task_metrics(logits: np.ndarray, labels: np.ndarray, metric: str) -> dict:
 
 
 def nonzero_params(model) -> int:
-    """Non-zero stored weights, counting low-bit tensors (int8/uint8 buffers) by their values."""
-    total = 0
+    """Non-zero stored weights, counting low-bit tensors (int8/uint8 buffers) by their values.
+    Modules with a ``nonzero()`` method (workers.modules' quantized ones) count their own tensors."""
+    total, own = 0, []
+    for name, mod in model.named_modules():
+        if hasattr(mod, "nonzero") and not any(name.startswith(p) for p in own):
+            total += mod.nonzero()
+            own.append(name + ".")
     for name, t in model.state_dict().items():
+        if any(name.startswith(p) for p in own):
+            continue
         if name.endswith("position_ids") or not torch.is_tensor(t) or t.dtype == torch.bool:
             continue
         if name.endswith(("scale", "scales", "zero_point")):

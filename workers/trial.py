@@ -104,6 +104,7 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
         "artifact_uri": info.uri,
         "sparsity": _sparsity(loaded),
         "bits": _bits(cfg),
+        "embedding_bits": getattr(cfg.quant, "embedding_bits", 32) if getattr(cfg.quant, "embeddings", False) else 32,
         "train_steps": trained.steps,
         "train_workers": trained.world_size,
         "train_loss": trained.loss,
@@ -127,12 +128,12 @@ def _bits(cfg: TrialConfig) -> float:
 
 
 def _sparsity(model) -> float:
-    """Share of zeros among the float Linear weights of the encoder (0 for quantized layers)."""
+    """Share of zeros among the encoder's stored 2-D weights, float or int8 (int4-packed ones are skipped)."""
     import torch
 
     zeros = total = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".encoder." in f".{name}.":
-            zeros += int((mod.weight == 0).sum())
-            total += mod.weight.numel()
+    for name, t in model.state_dict().items():
+        if ".encoder." in f".{name}" and t.dim() == 2 and t.dtype in (torch.float32, torch.int8):
+            zeros += int((t == 0).sum())
+            total += t.numel()
     return zeros / total if total else 0.0
