@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
 import threading
 import traceback
@@ -107,23 +108,12 @@ def _follow(db_url: str, job_id: str, stop: threading.Event) -> None:
             pass
 
 
-@app.command()
-@_guard
-def submit(spec: Path = typer.Argument(..., help="job spec YAML"),
-           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else local)"),
-           detach: bool = typer.Option(False, help="run the driver on the cluster through the Ray Jobs API"),
-           job_id: Optional[str] = typer.Option(None, "--job-id", help="use this job id (for resubmission)"),
-           quiet: bool = typer.Option(False, help="no live progress display")):
-    """Run a search job; shows trials done/running/failed and the best so far."""
+def _submit_and_follow(spec: Path, address: Optional[str], job_id: Optional[str], quiet: bool) -> str:
     from orchestrator.jobs import new_job_id, open_store, submit as do_submit
     from orchestrator.spec import load
 
     parsed = load(spec)
     jid = job_id or new_job_id(parsed.name)
-    if detach:
-        jid = do_submit(spec, address=address, job_id=jid, detach=True)
-        console.print(f"submitted {jid} to the cluster; follow it with `slimray status {jid}`")
-        return
     store = open_store(parsed)
     stop = threading.Event()
     watcher = None
@@ -141,6 +131,24 @@ def submit(spec: Path = typer.Argument(..., help="job spec YAML"),
     console.print(_trial_table([t for t in trials if t["on_front"]], f"{jid}: Pareto front"))
     console.print(f"job {jid} {job['status']}: {len(trials)} trials; "
                   f"`slimray results {jid}` for all, `slimray pareto {jid} --plot front.png` to plot")
+    return jid
+
+
+@app.command()
+@_guard
+def submit(spec: Path = typer.Argument(..., help="job spec YAML"),
+           address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else local)"),
+           detach: bool = typer.Option(False, help="run the driver on the cluster through the Ray Jobs API"),
+           job_id: Optional[str] = typer.Option(None, "--job-id", help="use this job id (for resubmission)"),
+           quiet: bool = typer.Option(False, help="no live progress display")):
+    """Run a search job; shows trials done/running/failed and the best so far."""
+    if detach:
+        from orchestrator.jobs import submit as do_submit
+
+        jid = do_submit(spec, address=address, job_id=job_id, detach=True)
+        console.print(f"submitted {jid} to the cluster; follow it with `slimray status {jid}`")
+        return
+    _submit_and_follow(spec, address, job_id, quiet)
 
 
 @app.command()
@@ -236,10 +244,41 @@ def cancel(job: str):
 
 @app.command()
 @_guard
-def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the demo job spec")):
-    """The main job end to end on the embedded defaults: teacher → search → store → front."""
+def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the demo job spec"),
+         max_drop: Optional[float] = typer.Option(None, help="promotion's metric-drop cap (default: the spec's)")):
+    """The whole loop on the embedded defaults: teacher → search → store → promote → a real request."""
+    import urllib.request
+
+    from orchestrator.jobs import home, open_store
+    from orchestrator.promote import PromoteConstraints, promote as do_promote
+    from orchestrator.report import plot_front
+
     logging.getLogger("ray").setLevel(logging.WARNING)
-    submit(spec=spec, address=None, detach=False, job_id=None, quiet=False)
+    jid = _submit_and_follow(spec, None, None, False)
+    store = open_store()
+    plot = plot_front(store, jid, home() / "reports" / f"{jid}-pareto.png")
+    job = store.get_job(jid)
+    constraints = PromoteConstraints.from_spec(job["spec"], **({"max_metric_drop": max_drop} if max_drop else {}))
+    try:
+        done = do_promote(jid, constraints, store=store)
+    except SlimrayError as err:  # nothing met the bar: serve the front's most accurate model, and say so
+        console.print(f"[yellow]{err}[/yellow]")
+        best = max((t for t in store.trials(jid) if t["on_front"]), key=lambda t: t["metric"] or 0)
+        done = do_promote(jid, trial=best["trial_id"], store=store)
+    console.print(f"promoted trial {done['trial_id']} (metric {done['metric']:.2f}, drop {done['metric_drop']:.2f}, "
+                  f"{done['size_bytes'] / 1e6:.2f} MB, {done['latency_ms_b1']:.2f} ms) at {done['endpoint']}")
+    texts = ["a gorgeous, witty, seductive movie.", "the plot is a dull, lifeless mess."]
+    req = urllib.request.Request(done["endpoint"].rstrip("/") + "/v1/predict",
+                                 data=json.dumps({"inputs": texts}).encode(),
+                                 headers={"Content-Type": "application/json", **(
+                                     {"Authorization": f"Bearer {os.environ['SLIMRAY_API_TOKEN']}"}
+                                     if os.environ.get("SLIMRAY_API_TOKEN") else {})})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=60) as resp:
+        answer = json.loads(resp.read())
+    for text, p in zip(texts, answer["predictions"]):
+        console.print(f"  {text!r} → label {p['label']} (score {p['score']:.3f})")
+    console.print(f"Pareto plot: {plot}\nresults: `slimray results {jid}`; store: {store.url_for_display}")
 
 
 def main():  # pragma: no cover - console script entry

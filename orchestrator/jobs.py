@@ -42,12 +42,13 @@ def _artifact_root(spec: JobSpec, job_id: str) -> Path:
 
 def connect_ray(address: str | None = None, *, dashboard: bool = False, num_cpus: int | None = None) -> None:
     """Join ``address`` (or RAY_ADDRESS) when given, else start the embedded local Ray on loopback."""
+    # read by Ray at import time: keeps every node on 127.0.0.1 (STACK.md)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keeps every node on 127.0.0.1 (STACK.md)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)

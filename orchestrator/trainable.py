@@ -80,8 +80,10 @@ def _restore_checkpoint(ckpt, ctx) -> None:
 
 def _final(result: dict) -> dict:
     # Tune results must be flat numbers/strings; the step lets ASHA place the final result on its axis.
+    import ray
+
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))} | {
-        "step": result.get("train_steps", 0), "final": True}
+        "step": result.get("train_steps", 0), "final": True, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def run_trial(config: dict, shared: dict, settings: TrialSettings) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,44 @@ def tiny_job(teacher_dir, tmp_path, **over) -> dict:
     for k, v in over.items():
         spec[k] = {**spec[k], **v} if isinstance(v, dict) and isinstance(spec.get(k), dict) else v
     return spec
+
+
+def tiny_artifact(out_dir, *, layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128, seed: int = 0,
+                  labels=("negative", "positive"), meta: dict | None = None):
+    """A tiny BERT classifier saved as a slimray artifact (with ``config.id2label`` set); returns its ArtifactInfo."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from workers import artifacts
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = tiny_bert_config(layers=layers, hidden=hidden, heads=heads, ffn=ffn, num_labels=len(labels))
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+    model = BertForSequenceClassification(config).eval()
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        return artifacts.save(model, _tokenizer(Path(vocab_dir)), out_dir, meta=meta or {})
+
+
+def promotion_store(url: str, job_id: str, trials: list[dict], *, spec: dict | None = None,
+                    baseline: dict | None = None):
+    """A Store holding one finished job whose trials are filled by hand: each dict has ``trial_id``, the
+    result columns (metric, metric_drop, size_bytes, latency_ms_b1), ``artifact_uri`` and ``on_front``."""
+    from db import Store
+
+    store = Store(url)
+    store.create_job(job_id, "tiny", spec or {"task": {"max_length": 32}, "latency": {"seq_len": 16}},
+                     teacher="tiny-teacher", dataset="glue/sst2")
+    store.set_job_baseline(job_id, baseline or {"metric": 90.0, "size_bytes": 10_000_000, "latency_ms_b1": 5.0,
+                                                "uri": "/nowhere/teacher"})
+    for t in trials:
+        store.trial_started(job_id, t["trial_id"], t.get("config", {"student": {"layers": 2}}))
+        result = {k: t[k] for k in ("metric", "metric_drop", "size_bytes", "latency_ms_b1") if k in t}
+        store.trial_finished(job_id, t["trial_id"], t.get("status", "terminated"), result)
+        if t.get("artifact_uri"):
+            store.add_artifact(job_id, t["trial_id"], t["artifact_uri"], 1, "0" * 64)
+    store.set_front(job_id, [t["trial_id"] for t in trials if t.get("on_front", True)])
+    store.set_job_status(job_id, "finished")
+    return store

@@ -1,0 +1,367 @@
+"""The slimray endpoint: one Ray Serve deployment with a FastAPI ingress that serves one artifact.
+
+    POST /v1/predict  {"inputs": ["text", ...]} or {"inputs": [["first", "second"], ...]}
+                      → {"predictions": [{"label": ..., "score": ...}], "model": {"job": ..., "trial": ...}}
+    GET  /v1/model    what is served: trial config, metrics, teacher, size, when and by whom it was promoted
+    GET  /healthz     liveness (never needs the token)
+    GET  /docs, /openapi.json
+
+``deploy(artifact)`` runs it as the Serve application ``name``. Deploying again under the same name with
+another artifact is a rolling update with surge: Serve starts the new replica next to the old one, sends
+traffic to it once its constructor (model load + one warm-up forward) has returned, and only then drains
+the old one; so a promotion never drops a request.
+
+Inputs from concurrent requests are batched per *input* with ``@serve.batch``: a request with 3 texts adds
+3 items to the replica's queue, and a forward pass takes up to ``max_batch_size`` items from any requests.
+"""
+# No `from __future__ import annotations`: FastAPI must see the real types of the route parameters, and
+# Serve's class-based view resolves them outside this module's namespace.
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+# Ray reads these once, when it is first imported: keep every node and driver on 127.0.0.1 (STACK.md) unless the
+# environment says otherwise.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from fastapi import FastAPI, HTTPException, Request  # noqa: E402
+from fastapi.encoders import jsonable_encoder  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
+from ray import serve  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+from deploy.schema import ErrorBody, Health, ModelInfo, PredictRequest, PredictResponse  # noqa: E402
+from workers.errors import DeployError  # noqa: E402
+
+__all__ = ["deploy", "status", "stop", "endpoint_url", "SlimrayModel", "app", "TOKEN_ENV", "DEPLOYMENT"]
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "SLIMRAY_API_TOKEN"
+DEPLOYMENT = "model"  # one fixed deployment name: a redeploy updates it in place instead of adding another
+HOST = "127.0.0.1"
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+_ERRORS = {401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+           413: {"model": ErrorBody, "description": "more inputs than the deployment's max_inputs"},
+           422: {"model": ErrorBody, "description": "malformed JSON or inputs"}}
+
+app = FastAPI(title="slimray", version="1",
+              description="A compressed transformer classifier chosen by slimray's search. Send texts or "
+                          "sentence pairs to /v1/predict; when the deployment has an API token, send it as "
+                          "`Authorization: Bearer <token>`.")
+
+
+# --------------------------------------------------------------------------- errors: JSON, one line, never a 500
+
+def _loc(loc) -> list:
+    """The location without FastAPI's leading "body" and pydantic's names of union branches (text or pair),
+    which are noise to a client: ``["inputs", 0]``."""
+    out = []
+    for i, part in enumerate(loc):
+        if i == 0 and part == "body" and len(loc) > 1:
+            continue
+        if i and isinstance(loc[i - 1], int) and isinstance(part, str) and (part == "str" or "[" in part):
+            continue
+        out.append(part)
+    return out
+
+
+def _where(loc) -> str:
+    out = ""
+    for part in _loc(loc):
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def _first_problem(errors: list) -> str:
+    if not errors:
+        return "invalid request"
+    # For an input that is neither a text nor a pair, both branches complain; the error of the branch the
+    # client evidently meant (not a mere type mismatch, else the deepest one) says more.
+    best = min(errors, key=lambda e: (e.get("type") in ("string_type", "list_type"), -len(_loc(e.get("loc", ())))))
+    if best.get("type") == "json_invalid":
+        return f"body is not valid JSON ({best.get('ctx', {}).get('error', 'parse error')})"
+    return f"{_where(best.get('loc', ()))}: {best.get('msg', 'invalid')}"
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    # not "input": a client's (possibly huge) body is not echoed back
+    detail = [{"type": e.get("type"), "loc": _loc(e.get("loc", ())), "msg": e.get("msg")} for e in errors]
+    return JSONResponse(status_code=422, content={
+        "error": f"{_first_problem(errors)}; send {{\"inputs\": [\"text\", ...]}} or "
+                 f"{{\"inputs\": [[\"first\", \"second\"], ...]}} (see /docs)",
+        "detail": jsonable_encoder(detail)})
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400:
+        # FastAPI's only 400 is a body it cannot even decode (not UTF-8); to a client that is malformed JSON
+        # like any other, so it gets the same 422
+        return JSONResponse(status_code=422, content={"error": f"body is not valid JSON ({exc.detail}); send "
+                                                               f"UTF-8 JSON (see /docs)"})
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)},
+                        headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _crash(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request failed")
+    return JSONResponse(status_code=500, content={"error": f"the model server failed: {type(exc).__name__}; "
+                                                           f"see the replica's log"})
+
+
+class BearerAuth:
+    """401 for requests without ``Authorization: Bearer <token>`` when the replica was deployed with a token.
+
+    An ASGI middleware, not a FastAPI dependency: it answers before the body is parsed, so an unauthenticated
+    client learns nothing about the schema from 422s (and a plain ASGI class costs less per request than
+    Starlette's BaseHTTPMiddleware)."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        expected = _expected_token() if scope["type"] == "http" else None
+        if expected and _route(scope) not in OPEN_PATHS:
+            header = dict(scope.get("headers") or ()).get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = header.partition(" ")
+            digest = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).hexdigest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
+                denied = JSONResponse(status_code=401, headers={"WWW-Authenticate": "Bearer"}, content={
+                    "error": f"missing or wrong API token; send 'Authorization: Bearer <token>' with the token the "
+                             f"endpoint was deployed with ({TOKEN_ENV})"})
+                await denied(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _expected_token() -> Optional[str]:
+    try:
+        return getattr(serve.get_replica_context().servable_object, "token_sha256", None)
+    except Exception:  # not inside a Serve replica (the app mounted on its own): no token configured
+        return None
+
+
+def _route(scope) -> str:
+    """The path below the application's route prefix (Serve passes the prefix as the ASGI root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+app.add_middleware(BearerAuth)
+
+
+# --------------------------------------------------------------------------- the deployment
+
+@serve.deployment(
+    name=DEPLOYMENT,
+    # surge: the new replica starts beside the old one, which drains only once the new one is up
+    max_surge_percent=100,
+    ray_actor_options={"num_cpus": 1},
+    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_timeout_s=20,
+    # a bad artifact fails the deploy in seconds instead of retrying the constructor 20 times
+    max_constructor_retry_count=2,
+)
+@serve.ingress(app)
+class SlimrayModel:
+    """One replica: the artifact loaded in the constructor, batches of inputs run through it."""
+
+    def __init__(self, artifact_uri: str, *, info: Optional[dict] = None, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.01, max_inputs: int = 64, token_sha256: Optional[str] = None):
+        import torch
+
+        from deploy.classifier import Classifier
+        from workers.artifacts import info as artifact_info
+
+        self.classifier = Classifier.load(artifact_uri)
+        self.classifier(["warm up"])  # the first forward allocates; pay for it before taking traffic
+        self.classify.set_max_batch_size(max_batch_size)
+        self.classify.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.info = dict(info or {})
+        self.max_inputs = max_inputs
+        self.token_sha256 = token_sha256
+        meta = self.classifier.meta
+        self.ref = {"job": self.info.get("job") or meta.get("job_id"),
+                    "trial": self.info.get("trial") or meta.get("trial_id")}
+        self.model_info = ModelInfo(
+            **self.ref, artifact=self.classifier.uri, labels=self.classifier.labels,
+            max_length=self.classifier.max_length, size_bytes=artifact_info(artifact_uri).size_bytes,
+            teacher=meta.get("teacher"), trial_config=meta.get("trial_config"), metrics=meta.get("metrics"),
+            promoted_at=self.info.get("promoted_at"), promoted_by=self.info.get("who"),
+            serving={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s,
+                     "max_inputs": max_inputs, "auth": bool(token_sha256), "torch_threads": torch.get_num_threads()},
+            deploy_info={k: v for k, v in self.info.items() if k not in ("job", "trial", "promoted_at", "who")},
+            provenance=meta).model_dump(mode="json")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def classify(self, items: list) -> list:
+        # in a worker thread: the event loop keeps accepting requests (and filling the next batch) meanwhile
+        return await asyncio.to_thread(self.classifier, items)
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS)
+    async def predict(self, body: PredictRequest) -> dict:
+        if len(body.inputs) > self.max_inputs:
+            raise HTTPException(413, f"{len(body.inputs)} inputs in one request; send at most {self.max_inputs} "
+                                     f"(split the list over several requests)")
+        items = [x if isinstance(x, str) else (x[0], x[1]) for x in body.inputs]
+        predictions = await asyncio.gather(*(self.classify(x) for x in items))
+        return {"predictions": predictions, "model": self.ref}
+
+    @app.get("/v1/model", response_model=ModelInfo, responses={401: _ERRORS[401]})
+    async def model(self) -> dict:
+        return self.model_info
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+
+# --------------------------------------------------------------------------- driver side
+
+def endpoint_url(port: int = 8000, route_prefix: str = "/") -> str:
+    return f"http://{HOST}:{port}{'' if route_prefix == '/' else route_prefix}"
+
+
+def _check(name, route_prefix, max_batch_size, batch_wait_timeout_s, num_replicas, port, max_inputs) -> None:
+    problems = []
+    if not isinstance(name, str) or not name:
+        problems.append(f"name: must be a non-empty string, got {name!r}")
+    if not isinstance(route_prefix, str) or not route_prefix.startswith("/") or \
+            (route_prefix != "/" and route_prefix.endswith("/")):
+        problems.append(f"route_prefix: must start with '/' and not end with one (e.g. '/' or '/sst2'), "
+                        f"got {route_prefix!r}")
+    for field, value, low in (("max_batch_size", max_batch_size, 1), ("num_replicas", num_replicas, 1),
+                              ("port", port, 1), ("max_inputs", max_inputs, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            problems.append(f"{field}: must be an integer ≥ {low}, got {value!r}")
+    if isinstance(port, int) and port > 65535:
+        problems.append(f"port: must be ≤ 65535, got {port}")
+    if not isinstance(batch_wait_timeout_s, (int, float)) or not 0 <= batch_wait_timeout_s <= 10:
+        problems.append(f"batch_wait_timeout_s: must be a number in [0, 10], got {batch_wait_timeout_s!r}")
+    if problems:
+        raise DeployError("; ".join(problems))
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():  # the loopback settings are set at the top of this module
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _client():
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False)
+
+
+def _ensure_serve(port: int) -> None:
+    client = _client()
+    if client is not None:
+        running = client.http_config.port
+        if running != port:
+            raise DeployError(f"Ray Serve already listens on {HOST}:{running}; deploy with port={running} "
+                              f"(--port {running}) or stop it first (`slimray serve stop --all`)")
+        return
+    serve.start(http_options={"host": HOST, "port": port})
+
+
+def deploy(artifact_uri, *, name: str = "slimray", route_prefix: str = "/", max_batch_size: int = 32,
+           batch_wait_timeout_s: float = 0.01, num_replicas: int = 1, port: int = 8000,
+           info: Optional[dict] = None, max_inputs: int = 64) -> str:
+    """Serve the artifact at ``artifact_uri`` as the Serve application ``name``; returns the endpoint URL.
+
+    Joins the connected Ray (else starts an embedded one, which ends with this process). Replacing a running
+    application of the same name is a zero-downtime rolling update. ``SLIMRAY_API_TOKEN``, when set here,
+    is the bearer token every request but /healthz must carry.
+    """
+    from workers.artifacts import resolve
+
+    _check(name, route_prefix, max_batch_size, batch_wait_timeout_s, num_replicas, port, max_inputs)
+    path = resolve(artifact_uri)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise DeployError(f"{artifact_uri} is not a slimray artifact (config.json or model.safetensors missing); "
+                          f"promote a trial that saved one")
+    token = os.environ.get(TOKEN_ENV) or None
+    # the replica only ever holds the token's hash: deployment arguments are visible to the cluster
+    token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None
+    _ensure_ray()
+    _ensure_serve(port)
+    model = SlimrayModel.options(
+        num_replicas=num_replicas,
+        # every HTTP request is one ongoing request at the replica: with Serve's default of 5, batches never
+        # grow past 5 requests (STACK.md); leave room for two full batches
+        max_ongoing_requests=max(64, 2 * max_batch_size),
+    ).bind(str(Path(path).resolve()), info=info, max_batch_size=max_batch_size,
+           batch_wait_timeout_s=float(batch_wait_timeout_s), max_inputs=max_inputs, token_sha256=token_sha256)
+    try:
+        serve.run(model, name=name, route_prefix=route_prefix)
+    except Exception as err:  # Serve raises its own exception types; the user needs one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+        raise DeployError(f"deploying {path} as '{name}' failed: {first}; the previous model (if any) keeps "
+                          f"serving; see `slimray serve status`") from err
+    return endpoint_url(port, route_prefix)
+
+
+def status() -> dict:
+    """``{"port": ..., "applications": {name: {"status", "message", "route_prefix", "deployments"}}}``, or
+    ``{"applications": {}}`` when Serve is not running on the connected Ray."""
+    import ray
+
+    client = _client() if ray.is_initialized() else None  # never start a Ray just to look
+    if client is None:
+        return {"port": None, "applications": {}, "proxies": {}}
+    st = serve.status()
+    try:
+        prefixes = {n: a.get("route_prefix") for n, a in client.get_serve_details().get("applications", {}).items()}
+    except Exception:  # route prefixes are a nicety of the report
+        prefixes = {}
+    apps = {}
+    for name, a in st.applications.items():
+        apps[name] = {
+            "status": str(getattr(a.status, "value", a.status)), "message": a.message,
+            "route_prefix": prefixes.get(name),
+            "endpoint": endpoint_url(client.http_config.port, prefixes[name]) if prefixes.get(name) else None,
+            "deployments": {d: {"status": str(getattr(s.status, "value", s.status)), "message": s.message,
+                                "replicas": {str(getattr(k, "value", k)): v for k, v in s.replica_states.items()}}
+                            for d, s in a.deployments.items()}}
+    return {"port": client.http_config.port, "applications": apps,
+            "proxies": {n: str(getattr(p, "value", p)) for n, p in st.proxies.items()}}
+
+
+def stop(name: Optional[str] = "slimray") -> None:
+    """Delete the application ``name``; ``name=None`` shuts Serve down altogether (proxies included)."""
+    import ray
+
+    if not ray.is_initialized() or _client() is None:
+        return
+    if name is None:
+        serve.shutdown()
+    else:
+        serve.delete(name)
+
+
+def app_from_env(args: Optional[dict] = None):
+    """An application builder for `serve run` / KubeRay's RayService (`import_path: deploy.serve:app_from_env`):
+    serves ``SLIMRAY_ARTIFACT`` with ``SLIMRAY_MAX_BATCH_SIZE`` (default 32); changing the artifact and
+    re-applying the RayService is Serve's rolling update."""
+    args = args or {}
+    artifact = args.get("artifact") or os.environ.get("SLIMRAY_ARTIFACT")
+    if not artifact:
+        raise DeployError("set SLIMRAY_ARTIFACT (or the app argument `artifact`) to the artifact directory to serve")
+    batch = int(args.get("max_batch_size") or os.environ.get("SLIMRAY_MAX_BATCH_SIZE", 32))
+    token = os.environ.get(TOKEN_ENV) or None
+    return SlimrayModel.options(max_ongoing_requests=max(64, 2 * batch)).bind(
+        str(artifact), info=None, max_batch_size=batch, batch_wait_timeout_s=0.01, max_inputs=64,
+        token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None)

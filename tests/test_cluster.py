@@ -1,0 +1,69 @@
+"""A simulated multi-node cluster (ray.cluster_utils.Cluster: head + 3 one-CPU workers, all on 127.0.0.1)."""
+import threading
+import time
+
+import pytest
+
+from conftest import tiny_job
+from db import Store
+from orchestrator.jobs import submit
+from orchestrator.spec import parse
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(ray_local):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the session's single-node Ray makes way for the cluster
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials run on the worker nodes only
+    workers = [c.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=c.address, log_to_driver=False)
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # back to the session's Ray
+
+
+def test_trials_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teacher_dir, tmp_path):
+    c, workers = cluster
+    raw = tiny_job(tiny_teacher_dir, tmp_path, algorithm={"name": "random", "asha": False},
+                   search={"student": {"layers": [1, 2]}, "prune": {"kind": "none"}, "quant": {"mode": "none"}},
+                   budget={"num_trials": 6, "max_concurrent": 3, "max_failures": 2},
+                   train={"epochs": 1, "batch_size": 16, "eval_every": 2},
+                   task={"dataset": "glue/sst2", "train_size": 400, "eval_size": 100, "max_length": 32})
+    store_url = raw["storage"]["db_url"]
+    removed = {}
+
+    def kill_a_node_mid_search():
+        store = None
+        deadline = time.time() + 240
+        while time.time() < deadline and not removed:
+            try:
+                store = store or Store(store_url)
+                jobs = store.list_jobs()
+                if jobs and sum(t["status"] == "running" for t in store.trials(jobs[0]["id"])) >= 3:
+                    time.sleep(1.0)
+                    c.remove_node(workers[0])  # every node runs one trial: one running trial dies with it
+                    removed["at"] = time.time()
+            except Exception:
+                pass
+            time.sleep(0.3)
+
+    killer = threading.Thread(target=kill_a_node_mid_search, daemon=True)
+    killer.start()
+    job_id = submit(parse(raw))
+    killer.join(timeout=5)
+    store = Store(store_url)
+    trials = store.trials(job_id)
+    assert removed, "the search ended before a node could be removed"
+    assert store.get_job(job_id)["status"] == "finished"
+    assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6  # each trial exactly once
+    assert all(t["status"] == "terminated" for t in trials), [(t["trial_id"], t["error"]) for t in trials]
+    assert any(t["attempts"] >= 2 for t in trials)  # the trial on the lost node was retried elsewhere
+    nodes = {t["result"]["node_id"] for t in trials}
+    assert len(nodes) >= 2  # trials really spread over the worker nodes
+    # the teacher's logits went through the object store once; every artifact sits under the shared root
+    assert all(t["artifact_uri"].startswith(str(tmp_path / "jobs")) for t in trials)
