@@ -37,7 +37,7 @@ def _job(name: str, algorithm: dict, teacher_uri: str, root: Path, trials: int, 
         "search": SPACE, "algorithm": algorithm,
         "objectives": ["metric:max", "size_bytes:min", "latency_ms_b1:min"],
         "budget": {"num_trials": trials, "max_concurrent": 1},
-        "train": {"epochs": 1, "max_steps": steps, "batch_size": 32, "eval_every": max(1, steps // 8)},
+        "train": {"epochs": 1, "max_steps": steps, "batch_size": 32, "eval_every": max(1, steps // 4)},
         "latency": {"runs": 10, "seq_len": 64},
         "storage": {"db_url": f"sqlite:///{root}/search.db", "artifact_dir": str(root / "jobs")},
     }

@@ -123,3 +123,48 @@ def test_multi_worker_trials_run_on_ray_train(tiny_teacher_dir, tmp_path, ray_lo
     [trial] = store.trials(job_id)
     assert trial["status"] == "terminated", trial["error"]
     assert trial["result"]["train_workers"] == 2 and trial["size_bytes"] > 0 and trial["latency_ms_b1"] > 0
+
+
+def test_killed_trial_process_resumes_from_its_checkpoint(tiny_teacher_dir, tmp_path, ray_local):
+    """SIGKILL the process running a trial after its first checkpoint: Tune retries it (FailureConfig) and
+    the recipe continues from the DeepSpeed checkpoint instead of step 0."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    raw = tiny_job(tiny_teacher_dir, tmp_path, algorithm={"name": "random", "asha": False},
+                   search={"student": {"layers": [2]}, "prune": {"kind": "none"}, "quant": {"mode": "none"}},
+                   budget={"num_trials": 1, "max_concurrent": 1, "max_failures": 2},
+                   task={"dataset": "glue/sst2", "train_size": 400, "eval_size": 100, "max_length": 32},
+                   train={"epochs": 2, "batch_size": 16, "eval_every": 10})
+    killed = {}
+
+    def kill_after_first_checkpoint():
+        store, deadline = None, time.time() + 240
+        while time.time() < deadline and not killed:
+            try:
+                store = store or Store(raw["storage"]["db_url"])
+                jobs = store.list_jobs()
+                trials = store.trials(jobs[0]["id"]) if jobs else []
+                if trials and store.metric_history(jobs[0]["id"], trials[0]["trial_id"]):
+                    for proc in psutil.process_iter(["cmdline"]):
+                        if any("ImplicitFunc" in part for part in proc.info["cmdline"] or []):
+                            os.kill(proc.pid, signal.SIGKILL)
+                            killed["pid"] = proc.pid
+            except Exception:
+                pass
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    job_id = submit(parse(raw))
+    killer.join(timeout=5)
+    store = Store(raw["storage"]["db_url"])
+    [trial] = store.trials(job_id)
+    assert killed, "the trial finished before it could be killed"
+    assert trial["status"] == "terminated" and trial["attempts"] == 2
+    assert trial["result"]["resumed_from_step"] >= 10  # continued from the checkpoint, not from scratch
+    assert trial["result"]["train_steps"] == 50

@@ -107,6 +107,7 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
         "embedding_bits": getattr(cfg.quant, "embedding_bits", 32) if getattr(cfg.quant, "embeddings", False) else 32,
         "train_steps": trained.steps,
         "train_workers": trained.world_size,
+        "resumed_from_step": trained.resumed_from,
         "train_loss": trained.loss,
         "train_seconds": trained.seconds,
         "trial_seconds": time.perf_counter() - t0,
