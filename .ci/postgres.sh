@@ -27,8 +27,10 @@ id "$user" >/dev/null 2>&1 || useradd -r -M postgres 2>/dev/null
 run() { if [ "$(id -un)" = "$user" ]; then "$@"; else su "$user" -s /bin/sh -c "$(printf '%q ' "$@")"; fi; }
 
 if ! run "$bin/pg_ctl" -D "$DIR" status >/dev/null 2>&1; then
-  rm -rf "$DIR" && mkdir -p "$DIR" && chown "$user" "$DIR"
-  run "$bin/initdb" -D "$DIR" -U slimray --auth=trust >/dev/null || { log "initdb failed"; exit 0; }
+  if [ ! -f "$DIR/PG_VERSION" ]; then  # a stopped cluster is restarted with its data, not re-created
+    rm -rf "$DIR" && mkdir -p "$DIR" && chown "$user" "$DIR"
+    run "$bin/initdb" -D "$DIR" -U slimray --auth=trust >/dev/null || { log "initdb failed"; exit 0; }
+  fi
   run "$bin/pg_ctl" -D "$DIR" -l "$DIR/server.log" -w \
       -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c fsync=off" start >/dev/null \
       || { log "server did not start (see $DIR/server.log)"; exit 0; }

@@ -121,7 +121,8 @@ def _sleep_search(n_trials: int, seconds: float, concurrent: int, root: Path, st
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_sleepy, seconds=seconds), {"cpu": 1}),
         param_space={"distill.temperature": tune.uniform(1, 6)},
-        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=n_trials),
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=n_trials,
+                                    reuse_actors=True),  # as slimray's driver does for in-process trials
         run_config=tune.RunConfig(name=job_id, storage_path=str(root), verbose=0,
                                   callbacks=[Recorder(store_url, job_id, {})], stop=CancelStopper(store_url, job_id)))
     t0 = time.perf_counter()
@@ -165,8 +166,8 @@ def main(argv=None) -> None:
     ap.add_argument("--part", choices=("all", "efficiency", "overhead"), default="all")
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--steps", type=int, default=48, help="max training steps per trial (batch 32)")
-    ap.add_argument("--sleep-trials", type=int, default=16)
-    ap.add_argument("--sleep-s", type=float, default=6.0)
+    ap.add_argument("--sleep-trials", type=int, default=8)
+    ap.add_argument("--sleep-s", type=float, default=15.0, help="a short real trial here takes 15–60 s")
     args = ap.parse_args(argv)
     setup_env()
     if args.part in ("all", "overhead"):

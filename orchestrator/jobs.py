@@ -93,13 +93,16 @@ def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, r
         trainable,
         param_space=param_space_for(spec.search, spec.algorithm),
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=spec.budget.num_trials,
-                                    time_budget_s=spec.budget.time_budget_s, reuse_actors=False),
+                                    time_budget_s=spec.budget.time_budget_s,
+                                    # a new actor per trial costs ~2 s (STACK.md); reused actors keep their one
+                                    # DeepSpeed process group alive (distill.ensure_process_group)
+                                    reuse_actors=not spec.resources.distributed),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(root), verbose=0,
             callbacks=[Recorder(store_url, job_id, _base_trial(spec))],
             stop=CancelStopper(store_url, job_id),
             failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # 1 forces a state snapshot per checkpoint
         ),
     )
 

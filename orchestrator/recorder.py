@@ -19,9 +19,14 @@ STEP_KEYS = ("step", "metric", "metric_drop", "accuracy", "f1", "size_bytes", "l
 
 
 class Recorder(Callback):
+    """Writes go through ``_write``: while the store is unreachable they queue up in order (the Store already
+    retried each briefly) and are replayed with the next event; if some still cannot be written when the
+    search ends, the job fails loudly instead of losing them."""
+
     def __init__(self, db_url: str, job_id: str, base_config: dict):
         self.db_url, self.job_id, self.base_config = db_url, job_id, base_config
         self._store = None
+        self._pending: list[tuple[str, tuple]] = []
 
     def __getstate__(self):
         return {**self.__dict__, "_store": None}
@@ -34,26 +39,55 @@ class Recorder(Callback):
             self._store = Store(self.db_url)
         return self._store
 
+    def _write(self, method: str, *args) -> None:
+        self._pending.append((method, args))
+        self._flush()
+
+    def _flush(self) -> None:
+        from workers.errors import StoreError
+
+        try:
+            while self._pending:
+                name, call_args = self._pending[0]
+                getattr(self.store, name)(*call_args)
+                self._pending.pop(0)
+        except StoreError as err:
+            self._store = None  # reconnect next time
+            log.warning("store unreachable, %d write(s) queued: %s", len(self._pending), err)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def on_experiment_end(self, trials, **info):
+        from workers.errors import StoreError
+
+        self._flush()  # one more try of everything, in order
+        if self._pending:
+            raise StoreError(f"{len(self._pending)} trial record(s) of job {self.job_id} could not be written to "
+                             f"the store; the search results are in Tune's state, resume the job once the store is "
+                             f"back")
+
     def on_trial_start(self, iteration, trials, trial, **info):
         from orchestrator.trainable import trial_config
 
-        self.store.trial_started(self.job_id, trial.trial_id, trial_config(trial.config, self.base_config))
+        self._write("trial_started", self.job_id, trial.trial_id, trial_config(trial.config, self.base_config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("final"):
             return  # the final result is stored by on_trial_complete
         values = {k: result[k] for k in STEP_KEYS if k in result}
-        self.store.trial_reported(self.job_id, trial.trial_id, int(result.get("step", 0)), values)
+        self._write("trial_reported", self.job_id, trial.trial_id, int(result.get("step", 0)), values)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = dict(trial.last_result or {})
         if result.get("final"):
-            self.store.trial_finished(self.job_id, trial.trial_id, "terminated", _clean(result))
+            self._write("trial_finished", self.job_id, trial.trial_id, "terminated", _clean(result))
             if result.get("artifact_uri"):
-                self.store.add_artifact(self.job_id, trial.trial_id, result["artifact_uri"],
-                                        int(result.get("size_bytes", 0)), result.get("sha256", ""))
+                self._write("add_artifact", self.job_id, trial.trial_id, result["artifact_uri"],
+                            int(result.get("size_bytes", 0)), result.get("sha256", ""))
         else:  # the scheduler stopped it before the recipe finished (ASHA)
-            self.store.trial_finished(self.job_id, trial.trial_id, "stopped_early", _clean(result))
+            self._write("trial_finished", self.job_id, trial.trial_id, "stopped_early", _clean(result))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # a crashed trial that Tune will retry: keep its error; the retry's start counts the next attempt
@@ -69,7 +103,7 @@ class Recorder(Callback):
             text = re.sub(r"\x1b\[[0-9;]*m", "", Path(err_file).read_text(errors="replace"))  # Ray colours it
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         line = lines[-1] if lines else "trial failed (no error message)"
-        self.store.trial_failed(self.job_id, trial.trial_id, line[:500], text or None)
+        self._write("trial_failed", self.job_id, trial.trial_id, line[:500], text or None)
 
 
 def _clean(result: dict) -> dict:
