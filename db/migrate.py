@@ -6,6 +6,7 @@ store opens, and ``import db`` stays cheap.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -14,6 +15,9 @@ __all__ = ["upgrade", "schema_diffs", "new_revision", "SCRIPT_DIR"]
 
 # Found next to this file so the migrations work from an installed wheel too.
 SCRIPT_DIR = Path(__file__).parent / "migrations"
+# Alembic runs env.py through module-level globals (alembic.context): two threads opening a Store at once
+# would trample each other's, so migrations in one process take turns.
+_LOCK = threading.Lock()
 
 
 def _config(connection):
@@ -29,7 +33,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to ``revision``; a no-op when it is already there."""
     from alembic import command
 
-    with engine.begin() as connection:
+    with _LOCK, engine.begin() as connection:
         command.upgrade(_config(connection), revision)
 
 

@@ -281,5 +281,154 @@ def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the de
     console.print(f"Pareto plot: {plot}\nresults: `slimray results {jid}`; store: {store.url_for_display}")
 
 
+@app.command()
+@_guard
+def promote(job: str,
+            max_drop: Optional[float] = typer.Option(None, "--max-drop", help="metric drop vs the teacher, points "
+                                                                             "(default: the spec's, else 1.0)"),
+            max_size_mb: Optional[float] = typer.Option(None, "--max-size-mb", help="model size cap"),
+            max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="batch-1 latency cap"),
+            trial: Optional[str] = typer.Option(None, "--trial", help="serve this trial instead of picking"),
+            port: int = typer.Option(8000, help="HTTP port of Ray Serve on 127.0.0.1"),
+            route_prefix: str = typer.Option("/", "--route-prefix"),
+            name: str = typer.Option("slimray", help="Serve application name (same name = rolling swap)"),
+            address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a "
+                                                             "local Ray head that outlives this command)")):
+    """Serve the Pareto-best model of JOB under the constraints (front latencies re-measured first).
+
+    Without --address/RAY_ADDRESS the endpoint runs on a local Ray head started for slimray (kept running after
+    this command; `slimray serve stop` removes the app)."""
+    from orchestrator.jobs import open_store
+    from orchestrator.promote import PromoteConstraints, promote as do_promote
+
+    store = open_store()
+    constraints = None
+    if trial is None:
+        constraints = PromoteConstraints.from_spec(store.get_job(job).get("spec"), max_metric_drop=max_drop,
+                                                   max_size_mb=max_size_mb, max_latency_ms=max_latency_ms)
+    done = do_promote(job, constraints, trial=trial, store=store, port=port, route_prefix=route_prefix, name=name,
+                      address=address, detached=True)
+    table = Table(title=f"{job}: Pareto front, batch-1 latency re-measured")
+    for c in ("trial_id", "metric", "metric_drop", "size", "latency_ms_b1", "reported_latency_ms_b1"):
+        table.add_column(c)
+    for r in done["front"]:
+        table.add_row(("* " if r["trial_id"] == done["trial_id"] else "") + r["trial_id"], _fmt(r["metric"]),
+                      _fmt(r["metric_drop"]), _fmt(r["size_bytes"], "size_bytes"), _fmt(r["latency_ms_b1"]),
+                      _fmt(r["reported_latency_ms_b1"]))
+    console.print(table)
+    console.print(f"serving trial {done['trial_id']} of {job} at {done['endpoint']} "
+                  f"(deployment {done['deployment_id']}); try `slimray predict \"some text\"`")
+
+
+serve_app = typer.Typer(help="the Ray Serve endpoint", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+
+def _join_serving_ray(address: Optional[str]) -> bool:
+    """Join the Ray that serves (given, RAY_ADDRESS, or slimray's local head); False when there is none."""
+    import ray
+
+    from orchestrator.promote import local_head_address, loopback_env
+
+    if ray.is_initialized():
+        return True
+    target = address or os.environ.get("RAY_ADDRESS") or local_head_address()
+    if not target:
+        return False
+    loopback_env(local_head=not (address or os.environ.get("RAY_ADDRESS")))
+    ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
+    return True
+
+
+@serve_app.command("status")
+@_guard
+def serve_status(as_json: bool = typer.Option(False, "--json"), address: Optional[str] = typer.Option(None)):
+    """The Serve applications and the live deployment recorded in the store."""
+    from deploy import serve as serving
+    from orchestrator.jobs import open_store
+
+    state = serving.status() if _join_serving_ray(address) else {"port": None, "applications": {}}
+    live = open_store().live_deployment()
+    if as_json:
+        typer.echo(json.dumps({"serve": state, "live_deployment": live}, indent=2, default=str))
+        return
+    if not state["applications"]:
+        console.print("no Serve application is running")
+    for app_name, a in state["applications"].items():
+        console.print(f"{app_name}: {a.get('status')} at route {a.get('route_prefix')} {a.get('message') or ''}")
+    if live:
+        console.print(f"live: job {live['job_id']}, trial {live['trial_id']} at {live['endpoint']} "
+                      f"(since {live['created_at']}, by {live['who']})")
+
+
+@serve_app.command("stop")
+@_guard
+def serve_stop(name: str = typer.Option("slimray", help="the application to remove"),
+               all_apps: bool = typer.Option(False, "--all", help="shut Serve down altogether"),
+               address: Optional[str] = typer.Option(None)):
+    """Remove the endpoint (the local Ray head keeps running)."""
+    from deploy import serve as serving
+    from orchestrator.jobs import open_store
+
+    if _join_serving_ray(address):
+        serving.stop(None if all_apps else name)
+    store = open_store()
+    live = store.live_deployment()
+    if live:
+        store.set_deployment_status(live["id"], "stopped")
+    console.print("stopped" + (f" ({live['job_id']} / {live['trial_id']})" if live else ""))
+
+
+def _predict_url(url: Optional[str]) -> str:
+    if url is None:
+        from orchestrator.jobs import open_store
+
+        live = open_store().live_deployment()
+        url = live["endpoint"] if live else "http://127.0.0.1:8000"
+    return url.rstrip("/") + "/v1/predict"
+
+
+@app.command()
+@_guard
+def predict(text: str = typer.Argument(..., help="the text to classify"),
+            pair: Optional[str] = typer.Option(None, "--pair", help="second sentence, for sentence-pair tasks"),
+            url: Optional[str] = typer.Option(None, help="endpoint (default: the live deployment's, else "
+                                                         "http://127.0.0.1:8000)"),
+            timeout: float = typer.Option(30.0, help="seconds"),
+            as_json: bool = typer.Option(False, "--json", help="print the JSON answer")):
+    """Send one text (or pair) to the endpoint; honours SLIMRAY_API_TOKEN."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    target = _predict_url(url)
+    body = json.dumps({"inputs": [[text, pair] if pair is not None else text]}).encode()
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("SLIMRAY_API_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['SLIMRAY_API_TOKEN']}"
+    request = urllib.request.Request(target, data=body, headers=headers, method="POST")
+    # a local endpoint is reached directly, whatever proxy the environment names for the outside world
+    loopback = urllib.parse.urlsplit(target).hostname in ("127.0.0.1", "localhost", "::1")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else \
+        urllib.request.build_opener()
+    try:
+        with opener.open(request, timeout=timeout) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:
+            reason = json.loads(err.read()).get("error") or err.reason
+        except (ValueError, AttributeError):
+            reason = err.reason
+        raise SlimrayError(f"{target} answered {err.code}: {reason}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise SlimrayError(f"cannot reach {target} ({getattr(err, 'reason', err)}); is it up? "
+                           f"see `slimray serve status`") from None
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    p, model = answer["predictions"][0], answer.get("model", {})
+    typer.echo(f"label {p['label']} (score {p['score']:.3f})  (job {model.get('job')}, trial {model.get('trial')})")
+
+
 def main():  # pragma: no cover - console script entry
     app()
