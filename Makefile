@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export SLIMRAY_HOME ?= $(abspath .slimray)
 
-.PHONY: setup test test-fast demo bench-distill bench-compression bench-search bench-serve clean
+.PHONY: setup test test-fast demo bench-distill bench-compression bench-search bench-serve bench-reliability clean
 
 $(BIN)/slimray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-search: setup
 
 bench-serve: setup
 	$(BIN)/python -m bench.serve
+
+bench-reliability: setup
+	$(BIN)/python -m bench.reliability
 
 clean:
 	rm -rf $(VENV) .slimray build *.egg-info

@@ -174,3 +174,13 @@ def promotion_store(url: str, job_id: str, trials: list[dict], *, spec: dict | N
     store.set_front(job_id, [t["trial_id"] for t in trials if t.get("on_front", True)])
     store.set_job_status(job_id, "finished")
     return store
+
+
+def record_fault(fault: str, **values) -> None:
+    """Fault-injection tests report what they saw; `make bench-reliability` turns it into a table."""
+    import json
+
+    out = os.environ.get("SLIMRAY_RELIABILITY_OUT")
+    if out:
+        with open(out, "a") as fh:
+            fh.write(json.dumps({"fault": fault, **values}) + "\n")

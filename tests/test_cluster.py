@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from conftest import tiny_job
+from conftest import record_fault, tiny_job
 from db import Store
 from orchestrator.jobs import submit
 from orchestrator.spec import parse
@@ -58,6 +58,10 @@ def test_trials_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teacher_
     killer.join(timeout=5)
     store = Store(store_url)
     trials = store.trials(job_id)
+    record_fault("worker node removed mid-search (simulated 4-node cluster)", injected=int(bool(removed)),
+                 trials=6, recorded=len(trials), duplicates=len(trials) - len({t["trial_id"] for t in trials}),
+                 lost=6 - sum(t["status"] == "terminated" for t in trials),
+                 retried=sum(t["attempts"] > 1 for t in trials))
     assert removed, "the search ended before a node could be removed"
     assert store.get_job(job_id)["status"] == "finished"
     assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6  # each trial exactly once

@@ -4,7 +4,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_job
+from conftest import record_fault, tiny_job
 from db import Store
 from orchestrator.cli import app
 from orchestrator.jobs import submit
@@ -108,6 +108,10 @@ def test_driver_killed_mid_search_is_resumed_without_loss(tiny_teacher_dir, tmp_
 
     resume(job_id, store=store)
     trials = store.trials(job_id)
+    record_fault("driver SIGKILLed mid-search, then `slimray resume`", injected=1, trials=4, recorded=len(trials),
+                 duplicates=len(trials) - len({t["trial_id"] for t in trials}),
+                 lost=4 - sum(t["status"] == "terminated" for t in trials),
+                 retried=sum(t["attempts"] > 1 for t in trials))
     assert store.get_job(job_id)["status"] == "finished"
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4  # nothing duplicated
     assert all(t["status"] == "terminated" for t in trials)  # nothing lost
@@ -168,7 +172,12 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tiny_teacher_dir, tmp_
     job_id = submit(parse(raw))
     killer.join(timeout=5)
     store = Store(raw["storage"]["db_url"])
-    [trial] = store.trials(job_id)
+    trials = store.trials(job_id)
+    record_fault("trial process SIGKILLed after its first checkpoint", injected=int(bool(killed)), trials=1,
+                 recorded=len(trials), duplicates=0, lost=1 - sum(t["status"] == "terminated" for t in trials),
+                 retried=sum(t["attempts"] > 1 for t in trials),
+                 resumed_from_step=trials[0]["result"].get("resumed_from_step") if trials else None)
+    [trial] = trials
     assert killed, "the trial finished before it could be killed"
     assert trial["status"] == "terminated" and trial["attempts"] == 2
     assert trial["result"]["resumed_from_step"] >= 10  # continued from the checkpoint, not from scratch

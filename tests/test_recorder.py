@@ -7,6 +7,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from conftest import record_fault
 
 from db import Store
 from orchestrator.recorder import Recorder
@@ -67,5 +68,8 @@ def test_writes_queue_while_postgres_is_down_and_replay_in_order(url):
         restarted = subprocess.run(["bash", ".ci/postgres.sh"], capture_output=True, text=True)
         assert restarted.stdout.strip(), restarted.stderr
     rec.on_trial_result(0, [], _trial("t1"), {"step": 4, "metric": 61.0})
+    steps = [m["step"] for m in Store(url).metric_history(job, "t1")]
+    record_fault("PostgreSQL store stopped and restarted during reports", injected=1, trials=1, recorded=1,
+                 duplicates=len(steps) - len(set(steps)), lost=4 - len(set(steps)), retried=0)
     assert rec.pending == 0
-    assert [m["step"] for m in Store(url).metric_history(job, "t1")] == [1, 2, 3, 4]
+    assert steps == [1, 2, 3, 4]

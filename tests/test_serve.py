@@ -15,12 +15,9 @@ from collections import Counter
 
 import pytest
 
-from conftest import promotion_store, tiny_artifact
+from conftest import promotion_store, record_fault, tiny_artifact
 
-try:
-    import schemathesis
-except ImportError:  # optional: the fuzz test is skipped without it
-    schemathesis = None
+import schemathesis  # in the dev extra: the endpoint is fuzzed from its OpenAPI schema
 
 # Loopback only, never through a proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -191,8 +188,6 @@ def test_health_model_info_and_openapi(served):
 def test_openapi_fuzz_never_5xx(served):
     """schemathesis generates bodies from the OpenAPI document (valid ones, whose answers must match the
     documented schema, and invalid ones for /v1/predict): never a 5xx."""
-    if schemathesis is None:
-        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
     import requests
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
@@ -218,6 +213,8 @@ def test_openapi_fuzz_never_5xx(served):
                     case.validate_response(response)  # codes, content types and bodies as documented
 
             run()
+    record_fault("endpoint fuzzed from its OpenAPI schema (schemathesis)", injected=1, requests=sum(seen.values()),
+                 failed_requests=0, http_5xx=sum(n for code, n in seen.items() if code >= 500))
     assert seen[200] and seen[422], seen
 
 
@@ -282,6 +279,8 @@ def test_swap_under_load_drops_no_request(served):
         for t in clients:
             t.join(timeout=60)
     failures = [r for r in results if r[0] != 200]
+    record_fault("model swapped (rolling update) under continuous requests", injected=1, requests=len(results),
+                 failed_requests=len(failures), http_5xx=sum(isinstance(r[0], int) and r[0] >= 500 for r in results))
     assert not failures, failures[:5]
     trials = [r[1] for r in results]
     assert trials[0] == "t_a" and trials[-1] == "t_b", Counter(trials)
