@@ -87,10 +87,13 @@ def ensure_process_group() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))  # concurrent trials must not share a port
-        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-            os.environ.setdefault(k, v)
+        if os.environ.get("WORLD_SIZE", "1") == "1":
+            # A single process: its own group on a fresh loopback port. Inherited MASTER_* variables (a parent
+            # that trained earlier, a Ray worker spawned from it) would point at a port already taken.
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")
+        else:  # launched by a multi-process launcher: its settings rule
+            os.environ.setdefault("LOCAL_RANK", "0")
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
                                    verbose=False)
     return dist.get_rank(), dist.get_world_size()
