@@ -57,3 +57,21 @@ def test_refuses_paths_outside_root_and_non_artifacts(tiny_bert, tmp_path):
     (tmp_path / "junk" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(SlimrayError, match="not a slimray artifact"):
         artifacts.load(tmp_path / "junk")
+
+
+def test_a_planted_pickle_is_never_unpickled(tiny_bert, random_batch, tmp_path):
+    import pickle
+
+    info = artifacts.save(tiny_bert, None, tmp_path / "a")
+    canary = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    for name in ("pytorch_model.bin", "model.pt", "training_args.bin"):
+        (tmp_path / "a" / name).write_bytes(pickle.dumps(Payload()))
+    model, _, _ = artifacts.load(info.uri)
+    assert not canary.exists()
+    with torch.no_grad():
+        assert torch.equal(model(**random_batch).logits, tiny_bert(**random_batch).logits)
