@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.configs import _check, _choice, _positive_int
-from workers.errors import ConfigError, DataError
+from workers.errors import DataError
 
 __all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout"]
 
@@ -264,9 +264,3 @@ def encode(split: Split, tokenizer, max_length: int) -> Encoded:
             tt[i, : len(row)] = enc["token_type_ids"][i]
     return Encoded(ids, tt, lengths, split.labels.copy())
 
-
-def check_task_config(d: dict) -> TaskConfig:
-    try:
-        return TaskConfig(**d)
-    except TypeError as err:
-        raise ConfigError(f"task: {err}") from None
