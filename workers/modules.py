@@ -138,6 +138,17 @@ def _engine(name: str):
 
 # --------------------------------------------------------------------------- real low-bit modules
 
+def _lowbit_buffers(module: nn.Module, rows: int, cols: int, bits: int, group_size: int | None) -> None:
+    """The stored form of a low-bit matrix: int8 values + one scale per row, or int4 packed two per byte
+    (0x88 = two zeros around the offset 8) + one fp16 scale per group of ``group_size`` columns."""
+    if bits == 8:
+        module.register_buffer("qweight", torch.zeros(rows, cols, dtype=torch.int8))
+        module.register_buffer("scale", torch.ones(rows))
+    else:
+        module.register_buffer("packed", torch.full((rows, math.ceil(cols / 2)), 0x88, dtype=torch.uint8))
+        module.register_buffer("scales", torch.ones(rows, math.ceil(cols / group_size), dtype=torch.float16))
+
+
 class QLinear(nn.Module):
     """A Linear whose weight is stored as int8 rows or int4 groups (see the module docstring), bias fp32.
 
@@ -161,14 +172,7 @@ class QLinear(nn.Module):
             raise ValueError("QLinear: int4 needs a group_size")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.act = bits, (group_size if bits == 4 else None), act
-        if bits == 8:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
-            self.register_buffer("scale", torch.ones(out_features))
-        else:
-            self.register_buffer("packed", torch.full((out_features, math.ceil(in_features / 2)), 0x88,
-                                                      dtype=torch.uint8))
-            self.register_buffer("scales", torch.ones(out_features, math.ceil(in_features / group_size),
-                                                      dtype=torch.float16))
+        _lowbit_buffers(self, out_features, in_features, bits, group_size)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         if act == "static":
             self.register_buffer("input_scale", torch.ones(()))
@@ -259,14 +263,7 @@ class QEmbedding(nn.Module):
             raise ValueError("QEmbedding: int4 needs a group_size")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.bits, self.group_size = bits, (group_size if bits == 4 else None)
-        if bits == 8:
-            self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
-            self.register_buffer("scale", torch.ones(num_embeddings))
-        else:
-            self.register_buffer("packed", torch.full((num_embeddings, math.ceil(embedding_dim / 2)), 0x88,
-                                                      dtype=torch.uint8))
-            self.register_buffer("scales", torch.ones(num_embeddings, math.ceil(embedding_dim / group_size),
-                                                      dtype=torch.float16))
+        _lowbit_buffers(self, num_embeddings, embedding_dim, bits, group_size)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, *, bits: int = 8, group_size: int | None = None) -> "QEmbedding":
