@@ -184,3 +184,35 @@ def record_fault(fault: str, **values) -> None:
     if out:
         with open(out, "a") as fh:
             fh.write(json.dumps({"fault": fault, **values}) + "\n")
+
+
+def submit_with_fault(raw: dict, when, inject, *, poll_s: float = 0.3, timeout_s: float = 240) -> tuple[str, bool]:
+    """Submit the job ``raw`` while a thread watches its store; once ``when(store, trials)`` holds for the
+    job's trials it calls ``inject()`` (once). Returns (job id, whether the fault was injected)."""
+    import threading
+    import time
+
+    from db import Store
+    from orchestrator.jobs import submit
+    from orchestrator.spec import parse
+
+    fired = threading.Event()
+
+    def watch():
+        store, deadline = None, time.time() + timeout_s
+        while time.time() < deadline and not fired.is_set():
+            try:
+                store = store or Store(raw["storage"]["db_url"])
+                jobs = store.list_jobs()
+                if jobs and when(store, store.trials(jobs[0]["id"])):
+                    inject()
+                    fired.set()
+            except Exception:  # the job row may not exist yet; a failed injection is retried
+                pass
+            time.sleep(poll_s)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    job_id = submit(parse(raw))
+    watcher.join(timeout=5)
+    return job_id, fired.is_set()

@@ -1,13 +1,10 @@
 """A simulated multi-node cluster (ray.cluster_utils.Cluster: head + 3 one-CPU workers, all on 127.0.0.1)."""
-import threading
 import time
 
 import pytest
 
-from conftest import record_fault, tiny_job
+from conftest import record_fault, submit_with_fault, tiny_job
 from db import Store
-from orchestrator.jobs import submit
-from orchestrator.spec import parse
 
 pytestmark = pytest.mark.slow
 
@@ -35,27 +32,15 @@ def test_trials_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teacher_
                    train={"epochs": 1, "batch_size": 16, "eval_every": 2},
                    task={"dataset": "glue/sst2", "train_size": 400, "eval_size": 100, "max_length": 32})
     store_url = raw["storage"]["db_url"]
-    removed = {}
 
-    def kill_a_node_mid_search():
-        store = None
-        deadline = time.time() + 240
-        while time.time() < deadline and not removed:
-            try:
-                store = store or Store(store_url)
-                jobs = store.list_jobs()
-                if jobs and sum(t["status"] == "running" for t in store.trials(jobs[0]["id"])) >= 3:
-                    time.sleep(1.0)
-                    c.remove_node(workers[0])  # every node runs one trial: one running trial dies with it
-                    removed["at"] = time.time()
-            except Exception:
-                pass
-            time.sleep(0.3)
+    def every_node_busy(store, trials):
+        if sum(t["status"] == "running" for t in trials) < 3:
+            return False
+        time.sleep(1.0)
+        return True
 
-    killer = threading.Thread(target=kill_a_node_mid_search, daemon=True)
-    killer.start()
-    job_id = submit(parse(raw))
-    killer.join(timeout=5)
+    # every node runs one trial: one running trial dies with the node
+    job_id, removed = submit_with_fault(raw, every_node_busy, lambda: c.remove_node(workers[0]))
     store = Store(store_url)
     trials = store.trials(job_id)
     record_fault("worker node removed mid-search (simulated 4-node cluster)", injected=int(bool(removed)),

@@ -4,7 +4,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import record_fault, tiny_job
+from conftest import record_fault, submit_with_fault, tiny_job
 from db import Store
 from orchestrator.cli import app
 from orchestrator.jobs import submit
@@ -139,8 +139,6 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tiny_teacher_dir, tmp_
     the recipe continues from the DeepSpeed checkpoint instead of step 0."""
     import os
     import signal
-    import threading
-    import time
 
     import psutil
 
@@ -151,26 +149,18 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tiny_teacher_dir, tmp_
                    train={"epochs": 2, "batch_size": 16, "eval_every": 10})
     killed = {}
 
-    def kill_after_first_checkpoint():
-        store, deadline = None, time.time() + 240
-        while time.time() < deadline and not killed:
-            try:
-                store = store or Store(raw["storage"]["db_url"])
-                jobs = store.list_jobs()
-                trials = store.trials(jobs[0]["id"]) if jobs else []
-                if trials and store.metric_history(jobs[0]["id"], trials[0]["trial_id"]):
-                    for proc in psutil.process_iter(["cmdline"]):
-                        if any("ImplicitFunc" in part for part in proc.info["cmdline"] or []):
-                            os.kill(proc.pid, signal.SIGKILL)
-                            killed["pid"] = proc.pid
-            except Exception:
-                pass
-            time.sleep(0.2)
+    def kill_trial_processes():
+        for proc in psutil.process_iter(["cmdline"]):
+            if any("ImplicitFunc" in part for part in proc.info["cmdline"] or []):
+                os.kill(proc.pid, signal.SIGKILL)
+                killed["pid"] = proc.pid
+        if not killed:
+            raise RuntimeError("no trial process yet")  # the watcher tries again
 
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    job_id = submit(parse(raw))
-    killer.join(timeout=5)
+    job_id, _ = submit_with_fault(
+        raw, lambda store, trials: bool(trials) and bool(store.metric_history(trials[0]["job_id"],
+                                                                              trials[0]["trial_id"])),
+        kill_trial_processes, poll_s=0.2)
     store = Store(raw["storage"]["db_url"])
     trials = store.trials(job_id)
     record_fault("trial process SIGKILLed after its first checkpoint", injected=int(bool(killed)), trials=1,
