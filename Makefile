@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export SLIMRAY_HOME ?= $(abspath .slimray)
 
-.PHONY: setup test test-fast demo bench-distill bench-compression bench-search bench-serve bench-reliability clean
+.PHONY: setup test test-fast demo bench-distill bench-compression bench-search bench-serve bench-reliability bench-e2e clean
 
 $(BIN)/slimray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench-serve: setup
 
 bench-reliability: setup
 	$(BIN)/python -m bench.reliability
+
+# The real run: `make bench-e2e` (SST-2 and MRPC, ~1 h each on 2 cores) or `make bench-e2e TASK=sst2`.
+TASK ?= all
+bench-e2e: setup
+	$(BIN)/python -m bench.e2e --task $(TASK)
 
 clean:
 	rm -rf $(VENV) .slimray build *.egg-info

@@ -120,15 +120,16 @@ def _describe(uri: Path) -> dict:
 
 # --------------------------------------------------------------------------- load
 
-def _client(port: int, path: str, until: float, window: tuple[float, float], out: list, seed: int) -> None:
+def _client(port: int, path: str, until: float, window: tuple[float, float], out: list, seed: int,
+            inputs: list) -> None:
     """One closed-loop client on a keep-alive connection: send, wait for the answer, send again.
-    POST one sentence to /v1/predict; GET anything else."""
+    POST one of ``inputs`` (a text or a [first, second] pair) to /v1/predict; GET anything else."""
     rng = random.Random(seed)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     headers = {"Content-Type": "application/json"}
     post = path.endswith("/v1/predict")
     while time.perf_counter() < until:
-        body = json.dumps({"inputs": [rng.choice(SENTENCES)]}) if post else None
+        body = json.dumps({"inputs": [rng.choice(inputs)]}) if post else None
         t0 = time.perf_counter()
         try:
             conn.request("POST" if post else "GET", path, body, headers)
@@ -145,14 +146,15 @@ def _client(port: int, path: str, until: float, window: tuple[float, float], out
     conn.close()
 
 
-def load(port: int, path: str, clients: int, duration: float, warmup: float) -> dict:
-    """Closed-loop load from ``clients`` threads; counts the answers that arrive within ``duration`` s
-    after ``warmup`` s."""
+def load(port: int, path: str, clients: int, duration: float, warmup: float, inputs: list | None = None) -> dict:
+    """Closed-loop load from ``clients`` threads, one input per request drawn from ``inputs`` (default:
+    SENTENCES); counts the answers that arrive within ``duration`` s after ``warmup`` s."""
     clients = max(1, min(clients, MAX_CLIENTS))
     start = time.perf_counter()
     window = (start + warmup, start + warmup + duration)
     results: list = []
-    threads = [threading.Thread(target=_client, args=(port, path, window[1], window, results, i), daemon=True)
+    inputs = [list(x) if isinstance(x, tuple) else x for x in (inputs or SENTENCES)]
+    threads = [threading.Thread(target=_client, args=(port, path, window[1], window, results, i, inputs), daemon=True)
                for i in range(clients)]
     for t in threads:
         t.start()

@@ -10,9 +10,21 @@ from typing import Sequence, Union
 from workers import artifacts
 from workers.errors import DeployError
 
-__all__ = ["Classifier", "Item", "max_length"]
+__all__ = ["Classifier", "Item", "max_length", "PTQ", "post_training_quantize"]
 
 Item = Union[str, tuple[str, str]]
+# Quantization applied when the model loads, for serving an artifact as the baselines users compare against:
+# PyTorch's dynamic INT8 (every nn.Linear, embeddings stay fp32; what INC / Optimum give out of the box).
+PTQ = ("torch-dynamic-int8",)
+
+
+def post_training_quantize(model, ptq: str):
+    """``model`` with ``ptq`` (one of PTQ) applied in memory; the artifact on disk is unchanged."""
+    if ptq not in PTQ:
+        raise DeployError(f"ptq: unknown post-training quantization {ptq!r}; use one of {', '.join(PTQ)}")
+    import torch
+
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def max_length(model, tokenizer, meta: dict) -> int:
@@ -43,8 +55,10 @@ class Classifier:
         self.max_chars = self.max_length * 64
 
     @classmethod
-    def load(cls, uri: str) -> Classifier:
+    def load(cls, uri: str, *, ptq: str | None = None) -> Classifier:
         model, tokenizer, meta = artifacts.load(uri)
+        if ptq is not None:
+            model, meta = post_training_quantize(model, ptq), {**meta, "serving_ptq": ptq}
         return cls(model, tokenizer, meta, str(artifacts.resolve(uri)))
 
     def encode(self, items: Sequence[Item]) -> dict:

@@ -37,6 +37,7 @@ from ray import serve  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from deploy.schema import ErrorBody, Health, ModelInfo, PredictRequest, PredictResponse  # noqa: E402
+from deploy.classifier import PTQ  # noqa: E402
 from workers.errors import DeployError  # noqa: E402
 
 __all__ = ["deploy", "status", "stop", "endpoint_url", "SlimrayModel", "app", "TOKEN_ENV", "DEPLOYMENT"]
@@ -178,13 +179,14 @@ class SlimrayModel:
     """One replica: the artifact loaded in the constructor, batches of inputs run through it."""
 
     def __init__(self, artifact_uri: str, *, info: Optional[dict] = None, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.01, max_inputs: int = 64, token_sha256: Optional[str] = None):
+                 batch_wait_timeout_s: float = 0.01, max_inputs: int = 64, token_sha256: Optional[str] = None,
+                 ptq: Optional[str] = None):
         import torch
 
         from deploy.classifier import Classifier
         from workers.artifacts import info as artifact_info
 
-        self.classifier = Classifier.load(artifact_uri)
+        self.classifier = Classifier.load(artifact_uri, ptq=ptq)
         self.classifier(["warm up"])  # the first forward allocates; pay for it before taking traffic
         self.classify.set_max_batch_size(max_batch_size)
         self.classify.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -200,7 +202,8 @@ class SlimrayModel:
             teacher=meta.get("teacher"), trial_config=meta.get("trial_config"), metrics=meta.get("metrics"),
             promoted_at=self.info.get("promoted_at"), promoted_by=self.info.get("who"),
             serving={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s,
-                     "max_inputs": max_inputs, "auth": bool(token_sha256), "torch_threads": torch.get_num_threads()},
+                     "max_inputs": max_inputs, "auth": bool(token_sha256), "torch_threads": torch.get_num_threads(),
+                     "ptq": ptq},
             deploy_info={k: v for k, v in self.info.items() if k not in ("job", "trial", "promoted_at", "who")},
             provenance=meta).model_dump(mode="json")
 
@@ -279,8 +282,9 @@ def _ensure_serve(port: int) -> None:
 
 def deploy(artifact_uri, *, name: str = "slimray", route_prefix: str = "/", max_batch_size: int = 32,
            batch_wait_timeout_s: float = 0.01, num_replicas: int = 1, port: int = 8000,
-           info: Optional[dict] = None, max_inputs: int = 64) -> str:
+           info: Optional[dict] = None, max_inputs: int = 64, ptq: Optional[str] = None) -> str:
     """Serve the artifact at ``artifact_uri`` as the Serve application ``name``; returns the endpoint URL.
+    ``ptq`` (one of deploy.classifier.PTQ) quantizes the model as it loads, the artifact stays as it is.
 
     Joins the connected Ray (else starts an embedded one, which ends with this process). Replacing a running
     application of the same name is a zero-downtime rolling update. ``SLIMRAY_API_TOKEN``, when set here,
@@ -289,6 +293,8 @@ def deploy(artifact_uri, *, name: str = "slimray", route_prefix: str = "/", max_
     from workers.artifacts import resolve
 
     _check(name, route_prefix, max_batch_size, batch_wait_timeout_s, num_replicas, port, max_inputs)
+    if ptq is not None and ptq not in PTQ:
+        raise DeployError(f"ptq: unknown post-training quantization {ptq!r}; use one of {', '.join(PTQ)}")
     path = resolve(artifact_uri)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise DeployError(f"{artifact_uri} is not a slimray artifact (config.json or model.safetensors missing); "
@@ -304,7 +310,8 @@ def deploy(artifact_uri, *, name: str = "slimray", route_prefix: str = "/", max_
         # grow past 5 requests (STACK.md); leave room for two full batches
         max_ongoing_requests=max(64, 2 * max_batch_size),
     ).bind(str(Path(path).resolve()), info=info, max_batch_size=max_batch_size,
-           batch_wait_timeout_s=float(batch_wait_timeout_s), max_inputs=max_inputs, token_sha256=token_sha256)
+           batch_wait_timeout_s=float(batch_wait_timeout_s), max_inputs=max_inputs, token_sha256=token_sha256,
+           ptq=ptq)
     try:
         serve.run(model, name=name, route_prefix=route_prefix)
     except Exception as err:  # Serve raises its own exception types; the user needs one line

@@ -159,7 +159,7 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
 
     store = open_store()
     if job is None:
-        return jobs()
+        return jobs(limit=20)
     console.print(_progress_table(store, job))
     j = store.get_job(job)
     if j.get("error"):
@@ -251,7 +251,7 @@ def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the de
 
     from orchestrator.jobs import home, open_store
     from orchestrator.promote import PromoteConstraints, promote as do_promote
-    from orchestrator.report import plot_front
+    from orchestrator.report import describe_config, markdown, plot_front
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     jid = _submit_and_follow(spec, None, None, False)
@@ -265,6 +265,7 @@ def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the de
         console.print(f"[yellow]{err}[/yellow]")
         best = max((t for t in store.trials(jid) if t["on_front"]), key=lambda t: t["metric"] or 0)
         done = do_promote(jid, trial=best["trial_id"], store=store)
+    promoted_cfg = next(t["config"] for t in store.trials(jid) if t["trial_id"] == done["trial_id"])
     console.print(f"promoted trial {done['trial_id']} (metric {done['metric']:.2f}, drop {done['metric_drop']:.2f}, "
                   f"{done['size_bytes'] / 1e6:.2f} MB, {done['latency_ms_b1']:.2f} ms) at {done['endpoint']}")
     texts = ["a gorgeous, witty, seductive movie.", "the plot is a dull, lifeless mess."]
@@ -276,9 +277,18 @@ def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the de
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(req, timeout=60) as resp:
         answer = json.loads(resp.read())
+    lines = [f"# slimray demo: job {jid}", "",
+             f"Promoted trial `{done['trial_id']}` ({describe_config(promoted_cfg)}): metric {done['metric']:.2f} "
+             f"(drop {done['metric_drop']:.2f}), {done['size_bytes'] / 1e6:.2f} MB, {done['latency_ms_b1']:.2f} ms at "
+             f"batch 1, serving at {done['endpoint']}", ""]
     for text, p in zip(texts, answer["predictions"]):
         console.print(f"  {text!r} → label {p['label']} (score {p['score']:.3f})")
-    console.print(f"Pareto plot: {plot}\nresults: `slimray results {jid}`; store: {store.url_for_display}")
+        lines.append(f"- `{text}` → {p['label']} ({p['score']:.3f})")
+    report = home() / "reports" / f"{jid}.md"
+    report.write_text("\n".join(lines) + "\n\n" + markdown(store, jid, promoted=done["trial_id"]) +
+                      f"\n![Pareto front]({plot.name})\n")
+    console.print(f"report: {report}\nPareto plot: {plot}\nresults: `slimray results {jid}`; "
+                  f"store: {store.url_for_display}")
 
 
 @app.command()

@@ -137,7 +137,8 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
     store.set_job_tune_path(job_id, str(root / "tune"))
     try:
         cache = root.parent / "teachers"
-        prep = ray.remote(num_cpus=min(spec.resources.cpus, 1), num_gpus=spec.resources.gpus)(_prepare_teacher)
+        # a trial's resources: Ray gives the task as many torch threads as CPUs, and nothing else runs yet
+        prep = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(_prepare_teacher)
         bundle = ray.get(prep.remote(spec, cache))
         store.set_job_baseline(job_id, {**bundle["teacher_metrics"], "uri": bundle["teacher_uri"]})
         shared = {"ref": ray.put(bundle)}  # wrapped in a dict: with_parameters would resolve a bare ref

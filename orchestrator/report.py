@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["objectives_of", "normalised", "front_summary", "plot_front"]
+__all__ = ["objectives_of", "normalised", "front_summary", "plot_front", "search_stats", "describe_config",
+           "markdown"]
 
 
 def objectives_of(job: dict) -> list[tuple[str, str]]:
@@ -54,11 +55,14 @@ def front_summary(store, job_id: str) -> dict:
     return {"job": job, "front": front, "hypervolume": hv, "objectives": objectives}
 
 
-def plot_front(store, job_id: str, out: str | Path) -> Path:
+def plot_front(store, job_id: str, out: str | Path, marks: list[dict] | None = None) -> Path:
+    """Metric against size and against batch-1 latency: every trial, the front and the teacher; ``marks`` adds
+    labelled points ``{"label", "metric", "size_bytes", "latency_ms_b1"}`` (baselines, the promoted model)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     job = store.get_job(job_id)
     base = job.get("baseline") or {}
@@ -73,9 +77,16 @@ def plot_front(store, job_id: str, out: str | Path) -> Path:
         ax.plot([t[key] / scale for t in front], [t["metric"] for t in front], "o-", c="tab:red", label="Pareto front")
         if base.get(key) is not None and base.get("metric") is not None:
             ax.scatter([base[key] / scale], [base["metric"]], marker="*", s=200, c="tab:blue", label="teacher")
+        for i, m in enumerate(marks or []):
+            if m.get(key) is not None and m.get("metric") is not None:
+                ax.scatter([m[key] / scale], [m["metric"]], marker="DsP^v"[i % 5], s=70, edgecolors="k",
+                           label=m["label"], zorder=3)
         ax.set_xlabel(label)
         ax.set_ylabel("metric")
         ax.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, not 2×10¹
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{job_id}: {len(trials)} trials")
@@ -85,3 +96,89 @@ def plot_front(store, job_id: str, out: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    from datetime import datetime
+
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def search_stats(store, job_id: str) -> dict:
+    """What the search cost: wall time, trials by outcome and the training steps they ran (from the store)."""
+    job = store.get_job(job_id)
+    trials = store.trials(job_id)
+    counts = {s: sum(t["status"] == s for t in trials) for s in ("terminated", "stopped_early", "error")}
+    steps = 0
+    for t in trials:
+        history = store.metric_history(job_id, t["trial_id"])
+        steps += max((int(h.get("step") or 0) for h in history), default=0)
+    return {"job_id": job_id, "status": job["status"], "wall_s": _seconds(job["started_at"], job["finished_at"]),
+            "trials": len(trials), "completed": counts["terminated"], "stopped_early": counts["stopped_early"],
+            "failed": counts["error"], "training_steps": steps, "retried": sum((t["attempts"] or 1) > 1 for t in trials)}
+
+
+def describe_config(config: dict | None) -> str:
+    """A trial config in one short line: ``3L top · heads+FFN 45% · int8 dyn, emb 4-bit · T 2.1 · lr 1.2e-04``."""
+    c = config or {}
+    parts = []
+    st = c.get("student") or {}
+    if st:
+        parts.append(" ".join(str(x) for x in (f"{st['layers']}L" if "layers" in st else None,
+                                               st.get("layer_choice")) if x))
+    pr = c.get("prune") or {}
+    if pr.get("kind") not in (None, "none"):
+        kind = {"structured": "heads+FFN", "heads": "heads", "ffn": "FFN"}.get(pr["kind"], pr["kind"])
+        parts.append(f"{kind} {100 * float(pr.get('sparsity', 0)):.0f}%")
+    lr = c.get("lowrank") or {}
+    if lr.get("ratio"):
+        parts.append(f"low-rank {lr['ratio']:g}")
+    q = c.get("quant") or {}
+    if q.get("mode") not in (None, "none"):
+        mode = {"dynamic": "int8 dyn", "static": "int8 static", "qat": "int8 QAT", "int4": "int4",
+                "mixed": "mixed 4/8"}.get(q["mode"], q["mode"])
+        parts.append(mode + (f", emb {q['embedding_bits']}-bit" if q.get("embedding_bits") else ""))
+    d = c.get("distill") or {}
+    if d.get("temperature") is not None:
+        parts.append(f"T {float(d['temperature']):.1f}")
+    if d.get("hidden_weight"):
+        parts.append(f"hidden {float(d['hidden_weight']):g}")
+    tr = c.get("train") or {}
+    if tr.get("lr") is not None:
+        parts.append(f"lr {float(tr['lr']):.1e}")
+    return " · ".join(p for p in parts if p) or "teacher copy"
+
+
+def markdown(store, job_id: str, *, promoted: str | None = None) -> str:
+    """The search section of a report: what ran, the Pareto front (re-measured latency where promotion timed
+    it) and its hypervolume. Every number comes from the store."""
+    summary = front_summary(store, job_id)
+    stats = search_stats(store, job_id)
+    base = summary["job"].get("baseline") or {}
+    wall = f"{stats['wall_s'] / 60:.1f} min" if stats["wall_s"] is not None else "?"
+    lines = [f"### Search: job `{job_id}` ({stats['status']})", "",
+             f"- wall time {wall}; {stats['trials']} trials: {stats['completed']} ran to the end, "
+             f"{stats['stopped_early']} stopped early by ASHA, {stats['failed']} failed, {stats['retried']} retried; "
+             f"{stats['training_steps']:,} training steps in all",
+             f"- objectives: {', '.join(f'{n} {m}' for n, m in summary['objectives'])}; hypervolume of the front "
+             f"(size and latency as fractions of the teacher's, reference: teacher − 10 points, 1.0, 1.0): "
+             f"**{summary['hypervolume']:.4f}**", "",
+             "| trial | config | metric | drop | MB | size × | b1 ms | speed × | promoted |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(summary["front"], key=lambda t: t["size_bytes"] or 0):
+        ms = t.get("remeasured_latency_ms_b1") or t.get("latency_ms_b1")
+        drop = None if t.get("metric") is None or base.get("metric") is None else base["metric"] - t["metric"]
+        size_x = base["size_bytes"] / t["size_bytes"] if base.get("size_bytes") and t.get("size_bytes") else None
+        speed_x = base["latency_ms_b1"] / ms if base.get("latency_ms_b1") and ms else None
+
+        def f(v, fmt):
+            return "–" if v is None else format(v, fmt)
+
+        lines.append(f"| {t['trial_id']} | {describe_config(t['config'])} | {f(t.get('metric'), '.2f')} | "
+                     f"{f(drop, '.2f')} | {f((t.get('size_bytes') or 0) / 1e6, '.2f')} | {f(size_x, '.2f')} | "
+                     f"{f(ms, '.2f')} | {f(speed_x, '.2f')} | {'**yes**' if t['trial_id'] == promoted else ''} |")
+    lines += ["", "Size and speed ratios here are against the teacher as measured when the job started; "
+              "latency is the one promotion re-measured serially where it did (the trials' own ran beside training)."]
+    return "\n".join(lines) + "\n"

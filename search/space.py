@@ -82,6 +82,8 @@ DIMENSIONS: dict[str, _Rule] = {
     "quant.mode": _cat(QUANT_MODES),
     "quant.group_size": _Rule(int, "one of " + "|".join(map(str, GROUP_SIZES)), lambda v: v in GROUP_SIZES,
                               ranged=False),
+    # the word embeddings are half of a MiniLM: an 8x smaller model needs them in 4 bits
+    "quant.embedding_bits": _Rule(int, "one of 4|8", lambda v: v in (4, 8), ranged=False),
     "lowrank.ratio": _Rule(float, "a number in (0, 1], or 0 for off", lambda v: 0 <= v <= 1, off=0.0),
     "distill.temperature": _Rule(float, "a number in (0, 50]", lambda v: 0 < v <= 50),
     "distill.alpha": _Rule(float, "a number in [0, 1]", lambda v: 0 <= v <= 1),
@@ -102,6 +104,7 @@ GATES: dict[str, tuple[str, frozenset]] = {
     "prune.sparsity": ("prune.kind", frozenset(PRUNE_KINDS) - {"none"}),
     "prune.importance": ("prune.kind", frozenset({"heads", "ffn", "structured"})),
     "quant.group_size": ("quant.mode", frozenset({"int4"})),
+    "quant.embedding_bits": ("quant.mode", frozenset(QUANT_MODES) - {"none"}),
 }
 
 _BAD = object()

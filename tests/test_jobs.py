@@ -46,6 +46,8 @@ def test_search_records_every_trial_once_and_cli_reads_them(tiny_teacher_dir, tm
     assert plot.stat().st_size > 10_000 and "hypervolume" in out.output
     out = runner.invoke(app, ["jobs"])
     assert job_id[:10] in out.output
+    out = runner.invoke(app, ["status"])  # no job: the recent ones
+    assert out.exit_code == 0 and job_id[:10] in out.output
     out = runner.invoke(app, ["results", "no-such-job"])
     assert out.exit_code == 2 and "no job 'no-such-job'" in out.output
 

@@ -33,7 +33,7 @@ EVERY_DIMENSION = {
                 "heads": 4, "ffn": {"low": 256, "high": 1024, "log": True}},
     "prune": {"kind": ["none", "ffn", "structured"], "sparsity": {"low": 0.1, "high": 0.9, "step": 0.1},
               "importance": "magnitude"},
-    "quant": {"mode": ["int4", "qat", "mixed", "static"], "group_size": 128},
+    "quant": {"mode": ["int4", "qat", "mixed", "static"], "group_size": 128, "embedding_bits": [4, 8]},
     "lowrank": {"ratio": {"low": 0.25, "high": 1.0}},
     "distill": {"temperature": {"low": 1, "high": 8, "log": True}, "alpha": 0.9, "hidden_weight": [0, 1.5],
                 "attention_weight": 0.0},
@@ -348,6 +348,7 @@ def test_to_trial_config_nests_and_drops_what_is_off():
         {"prune": {"kind": "ffn", "sparsity": 0.4, "importance": "magnitude"},
          "quant": {"mode": "int4", "group_size": 64}, "lowrank": {"ratio": 0.5}}
     assert to_trial_config({}) == {}
+    assert to_trial_config({"quant.mode": "none", "quant.embedding_bits": 4}) == {"quant": {"mode": "none"}}
     with pytest.raises(ConfigError, match="unknown key.*prune.amount"):
         to_trial_config({"prune.amount": 0.3})
 
@@ -366,3 +367,12 @@ def test_sampled_trial_configs_are_valid_worker_configs():
         if trial.prune is not None:
             assert math.isclose(trial.prune.sparsity, flat["prune.sparsity"])
     assert seen == {type(None), UnstructuredPrune, HeadPrune, FfnPrune}
+
+
+def test_embedding_bits_reach_every_quant_mode_config():
+    from workers.configs import TrialConfig
+
+    for mode in ("dynamic", "static", "qat", "int4", "mixed"):
+        trial = TrialConfig.from_dict(to_trial_config({"quant.mode": mode, "quant.embedding_bits": 4}))
+        assert trial.quant.embedding_bits == 4
+    assert "search.quant.embedding_bits[1]: must be one of 4|8, got 2" in problems_of({"quant": {"embedding_bits": [4, 2]}})[0]

@@ -92,6 +92,23 @@ def test_deploy_refuses_bad_arguments_before_touching_ray(tmp_path):
     msg = str(err.value)
     assert all(k in msg for k in ("route_prefix", "max_batch_size", "port", "batch_wait_timeout_s"))
     assert "\n" not in msg
+    with pytest.raises(DeployError, match="unknown post-training quantization 'fp8'; use one of torch-dynamic-int8"):
+        serving.deploy(art, ptq="fp8")
+
+
+def test_ptq_on_load_quantizes_every_linear_and_keeps_the_answers(tmp_path):
+    import torch
+
+    from deploy.classifier import Classifier
+
+    art = tiny_artifact(tmp_path / "a").uri
+    plain, ptq = Classifier.load(art), Classifier.load(art, ptq="torch-dynamic-int8")
+    quantized = [m for m in ptq.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) == sum(isinstance(m, torch.nn.Linear) for m in plain.model.modules()) > 0
+    assert not any(type(m) is torch.nn.Linear for m in ptq.model.modules())
+    assert ptq.meta["serving_ptq"] == "torch-dynamic-int8" and "serving_ptq" not in plain.meta
+    texts = ["a gripping, funny film", "the plot is a mess", "good"]
+    assert torch.allclose(ptq.logits(texts), plain.logits(texts), atol=0.05)
 
 
 TEXTS = ["a gripping, funny film", "the plot is a mess and the actors are dull", "good",
