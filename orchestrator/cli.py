@@ -442,3 +442,7 @@ def predict(text: str = typer.Argument(..., help="the text to classify"),
 
 def main():  # pragma: no cover - console script entry
     app()
+
+
+if __name__ == "__main__":
+    main()

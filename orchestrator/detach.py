@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from workers.errors import SlimrayError
 
 __all__ = ["submit_detached", "dashboard_url"]
+
+AGENT_WAIT_S = 90
 
 
 def dashboard_url(address: str | None) -> str:
@@ -39,7 +42,20 @@ def submit_detached(spec, job_id: str, spec_path: Path | None) -> str:
     env = {k: v for k, v in os.environ.items() if k.startswith("SLIMRAY_")}
     env.setdefault("SLIMRAY_DB_URL", store.url)
     env["RAY_ADDRESS"] = "auto"
-    client = JobSubmissionClient(dashboard_url(spec.ray_address))
-    client.submit_job(entrypoint=f"slimray submit job.yaml --job-id {job_id} --quiet",
-                      submission_id=f"slimray-{job_id}", runtime_env={"working_dir": str(work), "env_vars": env})
-    return job_id
+    url = dashboard_url(spec.ray_address)
+    # A head that has just started answers "No available agent to submit job" until its job agent is up.
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            JobSubmissionClient(url).submit_job(
+                entrypoint=f"slimray submit job.yaml --job-id {job_id} --quiet", submission_id=f"slimray-{job_id}",
+                runtime_env={"working_dir": str(work), "env_vars": env})
+            return job_id
+        except (RuntimeError, ConnectionError, ValueError) as err:
+            if "No available agent" in str(err) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            why = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+            store.set_job_status(job_id, "failed", error=f"detached submission failed: {why}")
+            raise SlimrayError(f"could not submit job {job_id} through the Ray Jobs API at {url}: {why}; is the "
+                               f"cluster up and its dashboard reachable from here?") from err
