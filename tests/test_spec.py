@@ -11,7 +11,8 @@ from workers.errors import SpecError
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "demo-sst2.yaml", "sst2-minilm.yaml", "mrpc-minilm.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo-sst2.yaml", "sst2-minilm.yaml", "mrpc-minilm.yaml",
+                                  "sst2-minilm-gpu.yaml"])
 def test_examples_are_valid(name):
     spec = load(EXAMPLES / name)
     assert spec.objectives and spec.task.dataset.startswith("glue/")
