@@ -107,6 +107,19 @@ def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, r
     )
 
 
+def close_unfinished(store, job_id: str) -> list[str]:
+    """Once the search is over, a trial still running in the store was cut short by the time budget: record it
+    stopped early, with its last report as its result. Returns those trial ids."""
+    cut = []
+    for t in store.trials(job_id):
+        if t["status"] in ("running", "pending"):
+            history = store.metric_history(job_id, t["trial_id"])
+            last = dict(history[-1]["values"]) if history else {}
+            store.trial_finished(job_id, t["trial_id"], "stopped_early", {**last, "stopped_by": "the search's end"})
+            cut.append(t["trial_id"])
+    return cut
+
+
 def compute_front(store, job_id: str, spec: JobSpec) -> list[str]:
     """Flag the non-dominated finished trials of ``job_id`` on the spec's objectives; returns their ids."""
     from search.pareto import front
@@ -152,6 +165,7 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
         tuner = _tuner(spec, job_id, store.url, shared, settings,
                        restore_path if restore_path and Path(restore_path).exists() else None)
         tuner.fit()
+        close_unfinished(store, job_id)
         compute_front(store, job_id, spec)
         if store.get_job(job_id)["status"] != "cancelled":
             store.set_job_status(job_id, "finished")

@@ -73,3 +73,22 @@ def test_writes_queue_while_postgres_is_down_and_replay_in_order(url):
                  duplicates=len(steps) - len(set(steps)), lost=4 - len(set(steps)), retried=0)
     assert rec.pending == 0
     assert steps == [1, 2, 3, 4]
+
+
+def test_trials_the_time_budget_cut_are_closed_as_stopped_early(tmp_path):
+    from orchestrator.jobs import close_unfinished
+
+    store = Store(f"sqlite:///{tmp_path / 'cut.db'}")
+    store.create_job("j", "cut", {}, teacher="t", dataset="d")
+    for tid in ("done", "cut", "never_reported"):
+        store.trial_started("j", tid, {})
+    store.trial_reported("j", "done", 10, {"metric": 70.0})
+    store.trial_finished("j", "done", "terminated", {"metric": 71.0, "size_bytes": 5})
+    store.trial_reported("j", "cut", 10, {"metric": 60.0})
+    store.trial_reported("j", "cut", 20, {"metric": 65.0})
+    assert close_unfinished(store, "j") == ["cut", "never_reported"]
+    by_id = {t["trial_id"]: t for t in store.trials("j")}
+    assert by_id["done"]["status"] == "terminated" and by_id["done"]["metric"] == 71.0
+    assert by_id["cut"]["status"] == "stopped_early" and by_id["cut"]["metric"] == 65.0
+    assert by_id["never_reported"]["status"] == "stopped_early" and by_id["never_reported"]["metric"] is None
+    assert close_unfinished(store, "j") == []
