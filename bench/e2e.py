@@ -9,8 +9,8 @@ Ray Serve endpoint, and that model measured side by side with the baselines a us
   * slimray's promoted model (the job's constraints, plus the 8x-smaller bar when something on the front
     meets both; relaxed step by step, and reported, when nothing does).
 
-Each is measured here, in this run, one after another: dev-set metric, artifact bytes, latency at batch 1
-and 32 (one thread, the job's sequence length), and serving throughput through the same Serve endpoint code
+Each is measured here, in this run: dev-set metric, artifact bytes, latency at batch 1 and 32 (one thread, the
+job's sequence length; the four models take turns, three rounds, so a slow spell hits all), and serving throughput through the same Serve endpoint code
 (16 closed-loop clients sending real dev-set inputs, dynamic batching up to 32).
 
     make bench-e2e                   # both tasks, ~1 h each on 2 cores
@@ -69,14 +69,28 @@ def find_or_run(spec_path: Path, store, fresh: bool) -> tuple[str, str]:
 
 # --------------------------------------------------------------------------- measuring one model
 
-def measure(model, enc, metric: str, seq_len: int, runs: int) -> dict:
-    from workers.evaluate import latency_ms, predict_logits, task_metrics
+def quality(model, enc, metric: str) -> dict:
+    from workers.evaluate import predict_logits, task_metrics
 
-    m = task_metrics(predict_logits(model, enc), enc.labels, metric)
-    positions = getattr(model.config, "max_position_embeddings", None) or seq_len
-    seq = min(seq_len, positions)
-    return {**m, **{f"latency_ms_b{b}": latency_ms(model, batch=b, seq_len=seq, runs=runs, threads=1)
-                    for b in (1, 32)}}
+    return task_metrics(predict_logits(model, enc), enc.labels, metric)
+
+
+def interleaved_latency(models: dict, seq_len: int, runs: int, rounds: int = 3) -> dict:
+    """{name: {latency_ms_b1, latency_ms_b32}}: the models take turns, ``rounds`` times ``runs // rounds`` timed
+    runs each, and each keeps the median of its rounds, so a slow spell of this shared machine hits all of them."""
+    import statistics
+
+    from workers.evaluate import latency_ms
+
+    per = max(3, runs // rounds)
+    times = {name: {1: [], 32: []} for name in models}
+    for _ in range(rounds):
+        for batch in (1, 32):
+            for name, model in models.items():
+                positions = getattr(model.config, "max_position_embeddings", None) or seq_len
+                times[name][batch].append(latency_ms(model, batch=batch, seq_len=min(seq_len, positions), runs=per,
+                                                     threads=1))
+    return {name: {f"latency_ms_b{b}": statistics.median(t[b]) for b in (1, 32)} for name, t in times.items()}
 
 
 def torch_state_bytes(model) -> int:
@@ -215,8 +229,9 @@ def report_md(task: str, doc: dict, search_md: str, plot: Path) -> str:
              f"`{doc['store']}` and measurements taken in that run. Machine: {m['cpu']}, {m['cores']} cores, "
              f"torch {m['torch']}, Ray {m['ray']}, transformers {m['transformers']}, DeepSpeed {m['deepspeed']}.", "",
              f"Task `{doc['dataset']}` ({doc['eval_rows']} dev rows), teacher `{doc['teacher_source']}` fine-tuned by "
-             f"slimray on {doc['train_rows']} training rows. Latency: median of {doc['settings']['latency_runs']} "
-             f"runs, one thread, sequence length {doc['settings']['seq_len']}. Serving: one replica, "
+             f"slimray on {doc['train_rows']} training rows. Latency: one thread, sequence length "
+             f"{doc['settings']['seq_len']}, the four models taking turns for 3 rounds of "
+             f"{max(3, doc['settings']['latency_runs'] // 3)} timed runs each (the median of the round medians). Serving: one replica, "
              f"{doc['settings']['clients']} closed-loop clients for {doc['settings']['serve_seconds']:g} s each, "
              f"one dev input per request, batching up to 32 — the load generator shares the cores.", "",
              "## Side by side", ""]
@@ -264,26 +279,24 @@ def run_task(task: str, spec_path: Path, args) -> dict:
     metric, seq_len, runs = spec.task.metric, spec.seq_len, args.runs
     enc = teacher.eval
 
-    rows = {}
-    model, _, _ = artifacts.load(teacher.uri)
+    rows, models = {}, {}
     print("measuring the teacher", flush=True)
-    rows["teacher"] = {"size_bytes": artifacts.info(teacher.uri).size_bytes, **measure(model, enc, metric, seq_len, runs)}
+    models["teacher"], _, _ = artifacts.load(teacher.uri)
+    rows["teacher"] = {"size_bytes": artifacts.info(teacher.uri).size_bytes, **quality(models["teacher"], enc, metric)}
     print("measuring PyTorch dynamic INT8 PTQ of the teacher", flush=True)
     from deploy.classifier import post_training_quantize
 
-    ptq = post_training_quantize(model, "torch-dynamic-int8")
-    rows["ptq"] = {"size_bytes": torch_state_bytes(ptq), **measure(ptq, enc, metric, seq_len, runs)}
-    del model, ptq
+    models["ptq"] = post_training_quantize(models["teacher"], "torch-dynamic-int8")
+    rows["ptq"] = {"size_bytes": torch_state_bytes(models["ptq"]), **quality(models["ptq"], enc, metric)}
 
     steps_per_epoch = -(-len(teacher.train.labels) // spec.train.batch_size)
     kd_steps = args.kd_steps or int(round(float(spec.train.epochs) * steps_per_epoch))
     key = f"{teacher_uri.name}-{kd_steps}-{args.kd_lr:g}"
     half = half_depth_student(teacher, spec, kd_steps, args.kd_lr, CACHE / "e2e" / "baselines" / f"half-depth-{key}")
-    model, _, _ = artifacts.load(half)
     print("measuring the DistilBERT-style half-depth student", flush=True)
-    rows["half"] = {"size_bytes": artifacts.info(half).size_bytes, **measure(model, enc, metric, seq_len, runs),
+    models["half"], _, _ = artifacts.load(half)
+    rows["half"] = {"size_bytes": artifacts.info(half).size_bytes, **quality(models["half"], enc, metric),
                     "kd_steps": kd_steps}
-    del model
 
     import ray
 
@@ -293,11 +306,14 @@ def run_task(task: str, spec_path: Path, args) -> dict:
     port = _free_port()
     print("promoting the job's best model", flush=True)
     done, used, refused = promote_best(job_id, store, rows["teacher"]["size_bytes"], port)
-    model, _, _ = artifacts.load(done["artifact_uri"])
     print(f"measuring the promoted model ({done['trial_id']})", flush=True)
+    models["promoted"], _, _ = artifacts.load(done["artifact_uri"])
     rows["promoted"] = {"size_bytes": artifacts.info(done["artifact_uri"]).size_bytes,
-                        **measure(model, enc, metric, seq_len, runs)}
-    del model
+                        **quality(models["promoted"], enc, metric)}
+    print("timing all four, taking turns", flush=True)
+    for name, lat in interleaved_latency(models, seq_len, runs).items():
+        rows[name].update(lat)
+    del models
     asked = [list(x) if isinstance(x, tuple) else x for x in data.eval.texts[:2]]
     answers = ask(done["endpoint"], asked)
 

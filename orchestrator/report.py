@@ -67,14 +67,18 @@ def plot_front(store, job_id: str, out: str | Path, marks: list[dict] | None = N
     job = store.get_job(job_id)
     base = job.get("baseline") or {}
     trials = [t for t in store.trials(job_id) if t.get("metric") is not None and t.get("size_bytes")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for t in trials:  # promotion's serial re-measurement, where there is one, over the one taken beside training
+        t["latency_ms_b1"] = t.get("remeasured_latency_ms_b1") or t.get("latency_ms_b1")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, key, label in ((axes[0], "size_bytes", "model size (MB)"), (axes[1], "latency_ms_b1",
                                                                         "latency, batch 1 (ms)")):
         scale = 1e6 if key == "size_bytes" else 1.0
-        rest = [t for t in trials if not t["on_front"]]
-        front = sorted((t for t in trials if t["on_front"]), key=lambda t: t[key])
+        rest = [t for t in trials if not t["on_front"] and t.get(key) is not None]
+        # points, not a line: a front in three objectives is not a curve in any two of them
+        front = [t for t in trials if t["on_front"] and t.get(key) is not None]
         ax.scatter([t[key] / scale for t in rest], [t["metric"] for t in rest], c="0.6", s=25, label="trials")
-        ax.plot([t[key] / scale for t in front], [t["metric"] for t in front], "o-", c="tab:red", label="Pareto front")
+        ax.scatter([t[key] / scale for t in front], [t["metric"] for t in front], c="tab:red", s=40,
+                   label="Pareto front")
         if base.get(key) is not None and base.get("metric") is not None:
             ax.scatter([base[key] / scale], [base["metric"]], marker="*", s=200, c="tab:blue", label="teacher")
         for i, m in enumerate(marks or []):
@@ -84,13 +88,14 @@ def plot_front(store, job_id: str, out: str | Path, marks: list[dict] | None = N
         ax.set_xlabel(label)
         ax.set_ylabel("metric")
         ax.set_xscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, not 2×10¹
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 20, not 2×10¹
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{job_id}: {len(trials)} trials")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(f"{job_id}: {len(trials)} trials with a model")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
