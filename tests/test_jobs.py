@@ -152,8 +152,13 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tiny_teacher_dir, tmp_
     killed = {}
 
     def kill_trial_processes():
-        for proc in psutil.process_iter(["cmdline"]):
-            if any("ImplicitFunc" in part for part in proc.info["cmdline"] or []):
+        # only this test's Ray (started by this process): other Ray sessions on the machine keep their trials
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                cmdline = proc.cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if any("ImplicitFunc" in part for part in cmdline):
                 os.kill(proc.pid, signal.SIGKILL)
                 killed["pid"] = proc.pid
         if not killed:
