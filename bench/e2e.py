@@ -148,6 +148,7 @@ def promote_best(job_id: str, store, teacher_bytes: int, port: int):
     ladder = [PromoteConstraints(max_metric_drop=base.max_metric_drop, max_size_mb=size_mb),
               PromoteConstraints(max_metric_drop=base.max_metric_drop)]
     ladder += [PromoteConstraints(max_metric_drop=d, max_size_mb=size_mb) for d in drops[1:]]
+    ladder.append(PromoteConstraints(max_metric_drop=None))  # the front's fastest model, whatever it costs
     refused = []
     for c in ladder:
         try:
