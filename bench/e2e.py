@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -164,12 +163,6 @@ def promote_best(job_id: str, store, teacher_bytes: int, port: int):
 
 # --------------------------------------------------------------------------- serving throughput
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serving_throughput(port: int, models: dict, inputs: list, clients: int, duration: float, warmup: float) -> dict:
     """req/s and p50/p99 for each model behind the same endpoint code: the promoted one at its live route,
     the others deployed one at a time as the application ``baseline`` under /baseline."""
@@ -304,6 +297,8 @@ def run_task(task: str, spec_path: Path, args) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
+    from bench.serve import _free_port
+
     port = _free_port()
     print("promoting the job's best model", flush=True)
     done, used, refused = promote_best(job_id, store, rows["teacher"]["size_bytes"], port)
