@@ -138,7 +138,7 @@ def half_depth_student(teacher, spec, steps: int, lr: float, out: Path) -> Path:
 def promote_best(job_id: str, store, teacher_bytes: int, port: int):
     """The job's own constraints with the size bar on top; each rung relaxes one thing and is reported."""
     from orchestrator.promote import PromoteConstraints, promote
-    from workers.errors import DeployError
+    from common.errors import DeployError
 
     base = PromoteConstraints.from_spec(store.get_job(job_id)["spec"])
     size_mb = teacher_bytes / SIZE_X / 1e6
@@ -252,7 +252,7 @@ def report_md(task: str, doc: dict, search_md: str, plot: Path) -> str:
 # --------------------------------------------------------------------------- one task
 
 def run_task(task: str, spec_path: Path, args) -> dict:
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
     from orchestrator.report import describe_config, front_summary, markdown, plot_front, search_stats
     from orchestrator.spec import load as load_spec
     from workers import artifacts
@@ -260,7 +260,7 @@ def run_task(task: str, spec_path: Path, args) -> dict:
     from workers.teacher import prepare
 
     spec = load_spec(spec_path)
-    store = open_store(spec)
+    store = open_store(spec.storage.db_url)
     t_start = time.perf_counter()
     job_id, how = find_or_run(spec_path, store, args.fresh)
     job = store.get_job(job_id)
@@ -297,9 +297,9 @@ def run_task(task: str, spec_path: Path, args) -> dict:
     if not ray.is_initialized():
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
-    from bench.serve import _free_port
+    from common.ports import free_port
 
-    port = _free_port()
+    port = free_port()
     print("promoting the job's best model", flush=True)
     done, used, refused = promote_best(job_id, store, rows["teacher"]["size_bytes"], port)
     print(f"measuring the promoted model ({done['trial_id']})", flush=True)

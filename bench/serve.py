@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import statistics
 import tempfile
 import threading
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench.common import CACHE, print_table, print_targets, setup_env, target, write
+from common.ports import free_port
 
 MAX_CLIENTS = 64  # a closed-loop client is a thread here; more would measure the load generator
 SENTENCES = [
@@ -170,11 +170,6 @@ def load(port: int, path: str, clients: int, duration: float, warmup: float, inp
             "p50_ms": statistics.median(lat) if lat else float("nan"), "p99_ms": pct(0.99)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # --------------------------------------------------------------------------- main
 
@@ -207,7 +202,7 @@ def main(argv=None) -> None:
 
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
-    port = _free_port()
+    port = free_port()
     rows = []
     try:
         for name, uri in models.items():

@@ -9,7 +9,7 @@ and returns plain dicts. Importing this package imports SQLAlchemy only:
 no Ray, no torch, and Alembic not until a Store opens.
 """
 
-from workers.errors import StoreError
+from common.errors import StoreError
 
 from .engine import default_url, display_url
 from .models import DEPLOYMENT_STATUSES, JOB_STATUSES, TRIAL_STATUSES

@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from workers.errors import StoreError
+from common.errors import StoreError
 
 from .engine import default_url, display_url, make_engine
 from .migrate import upgrade

@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
-from workers.errors import StoreError
+from common.errors import StoreError
 
 __all__ = ["TransientStoreError", "store_error", "one_line", "retrying", "RETRY_DELAYS_S"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 from workers import artifacts
-from workers.errors import DeployError
+from common.errors import DeployError
 
 __all__ = ["Classifier", "Item", "max_length", "PTQ", "post_training_quantize"]
 

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 
 from deploy.schema import ErrorBody, Health, ModelInfo, PredictRequest, PredictResponse  # noqa: E402
 from deploy.classifier import PTQ  # noqa: E402
-from workers.errors import DeployError  # noqa: E402
+from common.errors import DeployError  # noqa: E402
 
 __all__ = ["deploy", "status", "stop", "endpoint_url", "SlimrayModel", "app", "TOKEN_ENV", "DEPLOYMENT"]
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from workers.errors import SlimrayError
+from common.errors import SlimrayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="slimray: search, compress and serve transformer models.")
@@ -30,7 +30,7 @@ COLUMNS = ("trial_id", "status", "metric", "metric_drop", "size_bytes", "latency
 
 def _fail(err: BaseException) -> None:
     """One line for the user; the traceback goes to the log file."""
-    from orchestrator.jobs import home
+    from common.paths import home
 
     log_dir = home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -109,12 +109,13 @@ def _follow(db_url: str, job_id: str, stop: threading.Event) -> None:
 
 
 def _submit_and_follow(spec: Path, address: Optional[str], job_id: Optional[str], quiet: bool) -> str:
-    from orchestrator.jobs import new_job_id, open_store, submit as do_submit
+    from common.paths import open_store
+    from orchestrator.jobs import new_job_id, submit as do_submit
     from orchestrator.spec import load
 
     parsed = load(spec)
     jid = job_id or new_job_id(parsed.name)
-    store = open_store(parsed)
+    store = open_store(parsed.storage.db_url)
     stop = threading.Event()
     watcher = None
     if not quiet and sys.stdout.isatty():
@@ -155,7 +156,7 @@ def submit(spec: Path = typer.Argument(..., help="job spec YAML"),
 @_guard
 def status(job: Optional[str] = typer.Argument(None, help="job id (default: all recent jobs)")):
     """A job's state and trial counts (or the recent jobs)."""
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
 
     store = open_store()
     if job is None:
@@ -170,7 +171,7 @@ def status(job: Optional[str] = typer.Argument(None, help="job id (default: all 
 @_guard
 def jobs(limit: int = typer.Option(20, help="how many")):
     """List jobs, newest first."""
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
 
     table = Table(title="jobs")
     for c in ("id", "status", "teacher", "dataset", "trials", "created"):
@@ -186,7 +187,7 @@ def jobs(limit: int = typer.Option(20, help="how many")):
 def results(job: str, fmt: str = typer.Option("table", "--format", help="table | csv | json"),
             pareto: bool = typer.Option(False, "--pareto", help="only the Pareto front")):
     """Every trial of a job with its config and metrics."""
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
 
     if fmt not in ("table", "csv", "json"):
         raise SlimrayError(f"--format must be table, csv or json, got {fmt!r}")
@@ -211,7 +212,7 @@ def results(job: str, fmt: str = typer.Option("table", "--format", help="table |
 @_guard
 def pareto_cmd(job: str, plot: Optional[Path] = typer.Option(None, help="write a PNG of the front here")):
     """The Pareto front of a job (and its hypervolume); --plot draws metric vs size and vs latency."""
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
     from orchestrator.report import front_summary, plot_front
 
     store = open_store()
@@ -249,7 +250,7 @@ def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the de
     """The whole loop on the embedded defaults: teacher → search → store → promote → a real request."""
     import urllib.request
 
-    from orchestrator.jobs import home, open_store
+    from common.paths import home, open_store
     from orchestrator.promote import PromoteConstraints, promote as do_promote
     from orchestrator.report import describe_config, markdown, plot_front
 
@@ -308,7 +309,7 @@ def promote(job: str,
 
     Without --address/RAY_ADDRESS the endpoint runs on a local Ray head started for slimray (kept running after
     this command; `slimray serve stop` removes the app)."""
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
     from orchestrator.promote import PromoteConstraints, promote as do_promote
 
     store = open_store()
@@ -355,7 +356,7 @@ def _join_serving_ray(address: Optional[str]) -> bool:
 def serve_status(as_json: bool = typer.Option(False, "--json"), address: Optional[str] = typer.Option(None)):
     """The Serve applications and the live deployment recorded in the store."""
     from deploy import serve as serving
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
 
     state = serving.status() if _join_serving_ray(address) else {"port": None, "applications": {}}
     live = open_store().live_deployment()
@@ -378,7 +379,7 @@ def serve_stop(name: str = typer.Option("slimray", help="the application to remo
                address: Optional[str] = typer.Option(None)):
     """Remove the endpoint (the local Ray head keeps running)."""
     from deploy import serve as serving
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
 
     if _join_serving_ray(address):
         serving.stop(None if all_apps else name)
@@ -391,7 +392,7 @@ def serve_stop(name: str = typer.Option("slimray", help="the application to remo
 
 def _predict_url(url: Optional[str]) -> str:
     if url is None:
-        from orchestrator.jobs import open_store
+        from common.paths import open_store
 
         live = open_store().live_deployment()
         url = live["endpoint"] if live else "http://127.0.0.1:8000"

@@ -6,7 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers.errors import SlimrayError
+from common.errors import SlimrayError
 
 __all__ = ["submit_detached", "dashboard_url"]
 
@@ -28,10 +28,10 @@ def submit_detached(spec, job_id: str, spec_path: Path | None) -> str:
     import yaml
     from ray.job_submission import JobSubmissionClient
 
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
     from workers.teacher import code_version
 
-    store = open_store(spec)
+    store = open_store(spec.storage.db_url)
     # the row exists before the driver starts, so `slimray status` works at once; the driver's create is idempotent
     store.create_job(job_id, spec.name, spec.to_dict(), teacher=spec.teacher, dataset=spec.task.dataset,
                      code_version=code_version())

@@ -13,22 +13,12 @@ import time
 from pathlib import Path
 
 from orchestrator.spec import JobSpec, parse
-from workers.errors import SlimrayError
+from common.errors import SlimrayError
+from common.paths import home, open_store
 
-__all__ = ["submit", "resume", "cancel", "new_job_id", "home", "connect_ray", "compute_front", "open_store"]
+__all__ = ["submit", "resume", "cancel", "new_job_id", "connect_ray", "compute_front"]
 
 log = logging.getLogger(__name__)
-
-
-def home() -> Path:
-    return Path(os.environ.get("SLIMRAY_HOME", Path.home() / ".slimray")).expanduser()
-
-
-def open_store(spec: JobSpec | None = None):
-    from db import Store
-
-    url = (spec.storage.db_url if spec is not None else None) or None
-    return Store(url)
 
 
 def new_job_id(name: str) -> str:
@@ -197,7 +187,7 @@ def submit(spec: JobSpec | dict | str | os.PathLike, *, address: str | None = No
         from orchestrator.detach import submit_detached
 
         return submit_detached(spec, job_id, spec_path)
-    store = store or open_store(spec)
+    store = store or open_store(spec.storage.db_url)
     store.create_job(job_id, spec.name, spec.to_dict(), teacher=spec.teacher, dataset=spec.task.dataset,
                      code_version=code_version())
     return _run(job_id, spec, store)

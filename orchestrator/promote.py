@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from workers.errors import ConfigError, DeployError, SlimrayError
+from common.errors import ConfigError, DeployError, SlimrayError
+from common.ports import free_port
 
 __all__ = ["PromoteConstraints", "promote", "remeasure", "serving_ray", "local_head_address", "loopback_env"]
 
@@ -146,7 +147,7 @@ def promote(job_id: str, constraints: PromoteConstraints | None = None, *, trial
     none). Ray: the connected one; else ``address``/RAY_ADDRESS; else, with ``detached``, a local head that
     outlives this process (the CLI's choice); else an embedded Ray that ends with this process.
     """
-    from orchestrator.jobs import open_store
+    from common.paths import open_store
 
     # before deploy.serve imports Ray; the CLI (detached) joins the local slimray head unless given an address
     loopback_env(local_head=detached and not (address or os.environ.get("RAY_ADDRESS")))
@@ -250,7 +251,7 @@ def loopback_env(*, local_head: bool = False) -> None:
 
 
 def _head_dir() -> Path:
-    from orchestrator.jobs import home
+    from common.paths import home
 
     # Short: Ray puts Unix sockets under it (≤ 107 characters); one per SLIMRAY_HOME.
     key = hashlib.sha1(str(home().resolve()).encode()).hexdigest()[:8]
@@ -275,14 +276,9 @@ def _listening(address: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _start_head(temp_dir: Path) -> str:
-    port = _free_port()
+    port = free_port()
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     temp_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +291,7 @@ def _start_head(temp_dir: Path) -> str:
     cmd = ray_cli + ["start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
                      "--disable-usage-stats", "--port", str(port), "--temp-dir", str(temp_dir),
                      # not the default 52365: another Ray on this machine (a running search) may hold it
-                     "--dashboard-agent-listen-port", str(_free_port())]
+                     "--dashboard-agent-listen-port", str(free_port())]
     log.info("starting a local Ray head: %s", " ".join(cmd))
     # Output to a file, not a pipe: the daemons `ray start` leaves behind inherit its stdout, and reading a pipe
     # they hold open would wait for them to exit.

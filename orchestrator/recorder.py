@@ -44,7 +44,7 @@ class Recorder(Callback):
         self._flush()
 
     def _flush(self) -> None:
-        from workers.errors import StoreError
+        from common.errors import StoreError
 
         try:
             while self._pending:
@@ -60,7 +60,7 @@ class Recorder(Callback):
         return len(self._pending)
 
     def on_experiment_end(self, trials, **info):
-        from workers.errors import StoreError
+        from common.errors import StoreError
 
         self._flush()  # one more try of everything, in order
         if self._pending:

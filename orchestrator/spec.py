@@ -8,7 +8,7 @@ from pathlib import Path
 
 from workers.configs import DistillConfig, TrainConfig
 from workers.data import TaskConfig
-from workers.errors import ConfigError, SpecError
+from common.errors import ConfigError, SpecError
 
 __all__ = ["JobSpec", "Objective", "Constraints", "Budget", "Resources", "LatencySettings", "Storage",
            "load", "parse", "KNOWN_OBJECTIVES"]

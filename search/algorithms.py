@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 from search.objectives import DIRECTIONS, OBJECTIVES
 from search.space import SearchSpace, build, optuna_space
-from workers.errors import SpecError
+from common.errors import SpecError
 
 __all__ = ["ALGORITHMS", "SearchSettings", "make", "param_space_for"]
 

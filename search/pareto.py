@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 
 from search.objectives import DIRECTIONS, OBJECTIVES
-from workers.errors import ConfigError
+from common.errors import ConfigError
 
 __all__ = ["front", "nondominated_sort", "hypervolume", "violation", "pick", "closest"]
 

@@ -16,7 +16,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Callable
 
-from workers.errors import ConfigError, SpecError
+from common.errors import ConfigError, SpecError
 
 __all__ = ["Fixed", "Choice", "Range", "SearchSpace", "DIMENSIONS", "GATES", "build", "optuna_space",
            "to_trial_config"]

@@ -5,7 +5,7 @@ import torch
 
 from workers import artifacts
 from workers.configs import StudentConfig
-from workers.errors import SlimrayError
+from common.errors import SlimrayError
 from workers.shapes import keep_heads
 from workers.student import build
 

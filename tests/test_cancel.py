@@ -3,7 +3,7 @@ import pytest
 from db import Store
 from orchestrator.jobs import cancel
 from orchestrator.stopper import CancelStopper
-from workers.errors import SlimrayError
+from common.errors import SlimrayError
 
 
 def test_cancel_flags_the_job_and_the_driver_stopper_sees_it(tmp_path):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from workers.configs import (DynamicInt8, FfnPrune, HeadPrune, Int4WeightOnly, LowRankConfig, MixedPrecision,
                              QatInt8, StaticInt8, StructuredPrune, TrialConfig, UnstructuredPrune, from_dict,
                              to_dict)
-from workers.errors import ConfigError
+from common.errors import ConfigError
 
 EVERY_COMPRESSION = [
     UnstructuredPrune(sparsity=0.8, scope="layer", initial_sparsity=0.1, schedule="cubic", end_fraction=0.5),

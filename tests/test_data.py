@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from workers.data import TaskConfig, encode, load
-from workers.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError
 
 
 def test_sst2_local_subset_is_seeded_and_sized():

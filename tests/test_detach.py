@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,14 +17,10 @@ import pytest
 import yaml
 
 from conftest import tiny_job
+from common.ports import free_port
 
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_head(temp_dir: Path) -> None:
@@ -50,17 +45,17 @@ def _stop_head(temp_dir: Path) -> None:
 @pytest.fixture
 def head():
     temp_dir = Path(tempfile.mkdtemp(prefix="srd-", dir="/tmp"))  # short: Ray's Unix sockets live below it
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # the cluster's nodes find slimray on their PATH, as in deploy/cluster/Dockerfile
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
     subprocess.run(ray_cli + ["get-auth-token", "--generate"], env=env, capture_output=True, timeout=60)
-    started = subprocess.run(ray_cli + ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+    started = subprocess.run(ray_cli + ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
                                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
                                         # the agent's default port (52365) belongs to any other Ray on the machine
-                                        "--dashboard-agent-listen-port", str(_free_port()),
+                                        "--dashboard-agent-listen-port", str(free_port()),
                                         "--num-cpus", "2", "--temp-dir", str(temp_dir), "--disable-usage-stats"],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                              timeout=180, text=True)

@@ -63,7 +63,7 @@ def test_failing_trial_is_recorded_with_traceback(tiny_teacher_dir, tmp_path, ra
     trials = store.trials(job_id)
     assert store.get_job(job_id)["status"] == "finished"
     assert len(trials) == 2 and all(t["status"] == "error" for t in trials)
-    assert all(t["error"].startswith("workers.errors.ConfigError: student.layers") for t in trials)
+    assert all(t["error"].startswith("common.errors.ConfigError: student.layers") for t in trials)
     assert all("pick_layers" in t["traceback"] and "\x1b[" not in t["traceback"] for t in trials)
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from workers import artifacts
 from workers.configs import LowRankConfig
-from workers.errors import ConfigError
+from common.errors import ConfigError
 from workers.lowrank import break_even_rank, choose_rank, factorize, svd_factors
 from workers.modules import LowRankLinear
 

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import promotion_store, tiny_artifact
-from workers.errors import ConfigError, DeployError
+from common.errors import ConfigError, DeployError
 
 JOB = "job-promote"
 

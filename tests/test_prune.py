@@ -9,7 +9,7 @@ from workers.configs import (DistillConfig, FfnPrune, HeadPrune, LowRankConfig, 
                              UnstructuredPrune)
 from workers.data import Encoded
 from workers.distill import distill
-from workers.errors import ConfigError
+from common.errors import ConfigError
 from workers.lowrank import factorize
 from workers.modules import LowRankLinear
 from workers.prune import (cubic_sparsity, encoder_linears, gradient_importance, prune, schedule, select_heads,

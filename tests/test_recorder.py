@@ -11,7 +11,7 @@ from conftest import record_fault
 
 from db import Store
 from orchestrator.recorder import Recorder
-from workers.errors import StoreError
+from common.errors import StoreError
 
 CONFIG = {"student.layers": 2}
 

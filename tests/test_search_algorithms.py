@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from search.algorithms import SearchSettings, make, param_space_for
 from search.objectives import OBJECTIVES
 from search.space import SearchSpace, to_trial_config
-from workers.errors import SpecError
+from common.errors import SpecError
 
 SPACE = SearchSpace.from_dict({
     "student": {"layers": [2, 3]},

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from search.pareto import closest, front, hypervolume, nondominated_sort, pick, violation
-from workers.errors import ConfigError
+from common.errors import ConfigError
 
 # --------------------------------------------------------------------------- fronts
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from search.space import (DIMENSIONS, SECTIONS, Choice, Fixed, Range, SearchSpace, build, optuna_space,
                           to_trial_config)
-from workers.errors import ConfigError, SpecError
+from common.errors import ConfigError, SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,6 @@ a swap to artifact B under load, then a promotion from the store, then the CLI s
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -18,6 +17,7 @@ import pytest
 from conftest import promotion_store, record_fault, tiny_artifact
 
 import schemathesis  # in the dev extra: the endpoint is fuzzed from its OpenAPI schema
+from common.ports import free_port
 
 # Loopback only, never through a proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -34,11 +34,6 @@ def call(url: str, body=None, *, raw: bytes | None = None, headers: dict | None 
         return err.code, json.loads(err.read() or b"null")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
@@ -53,7 +48,7 @@ def served(tmp_path_factory):
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     url = serving.deploy(arts["a"], port=port, info={"job": "job-a", "trial": "t_a", "who": "tester"})
     yield {"url": url, "port": port, "arts": arts}
     serve.shutdown()
@@ -82,7 +77,7 @@ def _direct(uri: str, items: list) -> list[tuple[str, float]]:
 
 def test_deploy_refuses_bad_arguments_before_touching_ray(tmp_path):
     from deploy import serve as serving
-    from workers.errors import DeployError
+    from common.errors import DeployError
 
     art = tiny_artifact(tmp_path / "a").uri
     with pytest.raises(DeployError, match="is not a slimray artifact"):

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.spec import load, parse
-from workers.errors import SpecError
+from common.errors import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from workers.configs import StudentConfig
-from workers.errors import ConfigError
+from common.errors import ConfigError
 from workers.shapes import layer_shapes
 from workers.student import build, pick_layers
 

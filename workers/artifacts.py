@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.errors import SlimrayError
+from common.errors import SlimrayError
 
 __all__ = ["ArtifactInfo", "save", "load", "info", "read_meta", "update_meta", "resolve", "SPARSE_THRESHOLD"]
 

@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from workers.errors import ConfigError
+from common.errors import ConfigError
 
 __all__ = [
     "StudentConfig", "UnstructuredPrune", "HeadPrune", "FfnPrune", "StructuredPrune", "PruneConfig",

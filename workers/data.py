@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.configs import _check, _choice, _positive_int
-from workers.errors import DataError
+from common.errors import DataError
 
 __all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from workers.configs import DistillConfig, TrainConfig
 from workers.data import Encoded
+from common.ports import free_port
 
 __all__ = ["kd_loss", "hidden_loss", "attention_loss", "distill", "DistillResult", "layer_map",
            "ensure_process_group", "StepCallback"]
@@ -74,11 +74,6 @@ def attention_loss(student_attn, teacher_attn, mask) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the engine
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def ensure_process_group() -> tuple[int, int]:
     """(rank, world_size); a single-process gloo group on loopback when none exists (DeepSpeed needs one).
@@ -90,7 +85,7 @@ def ensure_process_group() -> tuple[int, int]:
         if os.environ.get("WORLD_SIZE", "1") == "1":
             # A single process: its own group on a fresh loopback port. Inherited MASTER_* variables (a parent
             # that trained earlier, a Ray worker spawned from it) would point at a port already taken.
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                               LOCAL_RANK="0")
         else:  # launched by a multi-process launcher: its settings rule
             os.environ.setdefault("LOCAL_RANK", "0")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from workers.configs import LowRankConfig
-from workers.errors import ConfigError
+from common.errors import ConfigError
 from workers.modules import LowRankLinear, replace_module
 from workers.shapes import layers_of
 

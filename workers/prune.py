@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.configs import FfnPrune, HeadPrune, PruneConfig, StructuredPrune, UnstructuredPrune
-from workers.errors import ConfigError
+from common.errors import ConfigError
 from workers.shapes import keep_ffn, keep_heads, layers_of
 
 __all__ = ["prune", "schedule", "cubic_sparsity", "target_sparsity", "head_importance", "ffn_importance",

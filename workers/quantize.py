@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.configs import DynamicInt8, Int4WeightOnly, MixedPrecision, QatInt8, QuantConfig, StaticInt8
-from workers.errors import ConfigError
+from common.errors import ConfigError
 from workers.modules import (FakeQuantEmbedding, FakeQuantLinear, QEmbedding, QLinear, activation_qparams,
                              replace_module)
 from workers.shapes import layers_of

@@ -6,7 +6,7 @@ import copy
 import torch
 
 from workers.configs import StudentConfig
-from workers.errors import ConfigError
+from common.errors import ConfigError
 from workers.shapes import keep_ffn, keep_heads, layers_of
 
 __all__ = ["build", "pick_layers"]

@@ -14,7 +14,7 @@ import numpy as np
 
 from workers.configs import DistillConfig, TrainConfig
 from workers.data import Encoded, TaskData, encode
-from workers.errors import ConfigError
+from common.errors import ConfigError
 
 __all__ = ["Teacher", "prepare", "resolve_model", "DEFAULT_TEACHER", "MINILM_HUB_ID", "code_version"]
 
