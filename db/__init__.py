@@ -12,9 +12,9 @@ no Ray, no torch, and Alembic not until a Store opens.
 from common.errors import StoreError
 
 from .engine import default_url, display_url
-from .models import DEPLOYMENT_STATUSES, JOB_STATUSES, TRIAL_STATUSES
+from .models import DEPLOYMENT_STATUSES, JOB_STAGES, JOB_STATUSES, TRIAL_STATUSES
 from .rows import RESULT_COLUMNS
 from .store import Store
 
 __all__ = ["Store", "StoreError", "default_url", "display_url",
-           "JOB_STATUSES", "TRIAL_STATUSES", "DEPLOYMENT_STATUSES", "RESULT_COLUMNS"]
+           "JOB_STATUSES", "JOB_STAGES", "TRIAL_STATUSES", "DEPLOYMENT_STATUSES", "RESULT_COLUMNS"]

@@ -15,13 +15,15 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, \
-    UniqueConstraint
+    UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = ["Base", "Job", "Trial", "Metric", "Artifact", "Deployment",
-           "JOB_STATUSES", "TRIAL_STATUSES", "DEPLOYMENT_STATUSES"]
+           "JOB_STATUSES", "JOB_STAGES", "TRIAL_STATUSES", "DEPLOYMENT_STATUSES"]
 
 JOB_STATUSES = ("pending", "running", "finished", "failed", "cancelled", "interrupted")
+# What a running job is doing; the order is the order of a job's life.
+JOB_STAGES = ("teacher", "augment", "super_student", "search", "finalists", "front", "promotion", "done")
 TRIAL_STATUSES = ("pending", "running", "terminated", "stopped_early", "error")
 DEPLOYMENT_STATUSES = ("live", "replaced", "stopped", "failed")
 
@@ -59,6 +61,11 @@ class Job(Base):
     tune_path: Mapped[Optional[str]] = mapped_column(Text)  # a URI: Tune state may live on S3/NFS
     code_version: Mapped[Optional[str]] = mapped_column(String(64))
     error: Mapped[Optional[str]] = mapped_column(Text)
+    # What the job is doing now (teacher, search, finalists, promotion) and how far along, for `slimray status`.
+    stage: Mapped[Optional[str]] = mapped_column(String(32))
+    progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
+    # Earlier jobs whose finished trials seeded this job's searcher (warm start).
+    warm_sources: Mapped[Optional[list[str]]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(Stamp, default=utcnow)
     started_at: Mapped[Optional[datetime]] = mapped_column(Stamp)
     finished_at: Mapped[Optional[datetime]] = mapped_column(Stamp)
@@ -94,6 +101,10 @@ class Trial(Base):
     on_front: Mapped[bool] = mapped_column(Boolean, default=False)
     # Measured serially on a quiet machine after the search; trusted over latency_ms_b1.
     remeasured_latency_ms_b1: Mapped[Optional[float]] = mapped_column(Float)
+    # The trial this one was derived from (a sub-model's super-student, a finalist's sub-model), for lineage.
+    parent: Mapped[Optional[str]] = mapped_column(String(128))
+    # `slimray gc` removed the artifact's files; the row and its metrics stay.
+    artifact_deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     job: Mapped[Job] = relationship(back_populates="trials")
     artifact: Mapped[Optional[Artifact]] = relationship(back_populates="trial", passive_deletes=True)

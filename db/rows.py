@@ -63,6 +63,7 @@ def job_dict(job: Job, trial_counts: dict[str, int]) -> dict[str, Any]:
         "tune_path": job.tune_path, "code_version": job.code_version, "error": job.error,
         "created_at": iso(job.created_at), "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at), "updated_at": iso(job.updated_at),
+        "stage": job.stage, "progress": job.progress, "warm_sources": job.warm_sources,
         "trial_counts": dict(trial_counts),
     }
 
@@ -78,6 +79,7 @@ def trial_dict(trial: Trial) -> dict[str, Any]:
         **{column: getattr(trial, column) for column in RESULT_COLUMNS},
         "on_front": bool(trial.on_front),
         "remeasured_latency_ms_b1": trial.remeasured_latency_ms_b1,
+        "parent": trial.parent, "artifact_deleted": bool(trial.artifact_deleted),
         "artifact_uri": artifact.uri if artifact else None,
         "artifact_bytes": artifact.bytes if artifact else None,
         "artifact_sha256": artifact.sha256 if artifact else None,

@@ -20,7 +20,7 @@ from common.errors import StoreError
 
 from .engine import default_url, display_url, make_engine
 from .migrate import upgrade
-from .models import (DEPLOYMENT_STATUSES, JOB_STATUSES, TRIAL_STATUSES, Artifact, Deployment, Job, Metric, Trial,
+from .models import (DEPLOYMENT_STATUSES, JOB_STAGES, JOB_STATUSES, TRIAL_STATUSES, Artifact, Deployment, Job, Metric, Trial,
                      utcnow)
 from .rows import RESULT_COLUMNS, deployment_dict, iso, job_dict, number, plain_json, trial_dict
 from .transaction import one_line, retrying, store_error
@@ -122,6 +122,16 @@ class Store:
         """Store the teacher's metrics, the bar every trial is measured against."""
         with self._session() as s:
             _job(s, job_id).baseline = plain_json(baseline)
+
+    @retrying
+    def set_job_stage(self, job_id: str, stage: str, progress: Optional[dict] = None) -> None:
+        """What the job is doing now (teacher, search, finalists, promotion) and how far along it is, e.g.
+        ``{"done": 3, "total": 10, "unit": "trials"}``; shown by ``slimray status``."""
+        _check(stage, JOB_STAGES, "job stage")
+        with self._session() as s:
+            job = _job(s, job_id)
+            job.stage = stage
+            job.progress = plain_json(progress) if progress is not None else None
 
     @retrying
     def set_job_tune_path(self, job_id: str, path: str) -> None:

@@ -86,6 +86,18 @@ def test_job_status_baseline_and_tune_path(store):
     assert job["finished_at"] is None and job["error"] is None and job["started_at"] == started
 
 
+def test_job_stage_and_progress(store):
+    _job(store)
+    assert store.get_job("sst2-tiny-1a2b3c")["stage"] is None
+    store.set_job_stage("sst2-tiny-1a2b3c", "teacher", {"done": 120, "total": 500, "unit": "steps"})
+    job = store.get_job("sst2-tiny-1a2b3c")
+    assert job["stage"] == "teacher" and job["progress"] == {"done": 120, "total": 500, "unit": "steps"}
+    store.set_job_stage("sst2-tiny-1a2b3c", "search")
+    assert store.get_job("sst2-tiny-1a2b3c")["progress"] is None
+    with pytest.raises(StoreError, match="job stage"):
+        store.set_job_stage("sst2-tiny-1a2b3c", "lunch")
+
+
 def test_trial_start_reports_finish(store):
     _job(store)
     assert store.trial_started("sst2-tiny-1a2b3c", "t1", CONFIG) == 1
