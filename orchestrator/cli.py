@@ -24,6 +24,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err_console = Console(stderr=True)
 
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="show Ray, Tune, Optuna and DeepSpeed banners and warnings")):
+    from orchestrator.display import quiet_third_parties
+
+    quiet_third_parties(verbose)
+
 COLUMNS = ("trial_id", "status", "metric", "metric_drop", "size_bytes", "latency_ms_b1", "latency_ms_b32",
            "params", "attempts", "on_front")
 
@@ -65,30 +73,56 @@ def _fmt(v, key: str = "") -> str:
     return str(v)
 
 
-def _trial_table(trials: list[dict], title: str) -> Table:
-    table = Table(title=title)
-    for c in COLUMNS:
-        table.add_column(c, justify="right" if c not in ("trial_id", "status") else "left")
-    for t in trials:
-        table.add_row(*[_fmt(t.get(c), c) for c in COLUMNS])
-    return table
+def _trial_columns():
+    from orchestrator.display import Column
+
+    return [Column("trial_id", "trial_id", "trial", 9), Column("status", "status", "status", 6),
+            Column("metric", "metric", "metric", 8, True), Column("metric_drop", "metric_drop", "drop", 7, True),
+            Column("size_bytes", "size", "size", 7, True), Column("latency_ms_b1", "latency_ms_b1", "b1 ms", 7, True),
+            Column("latency_ms_b32", "latency_ms_b32", "b32 ms", 2, True), Column("params", "params", "params", 1, True),
+            Column("attempts", "attempts", "try", 0, True), Column("on_front", "on_front", "front", 5)]
 
 
-def _progress_table(store, job_id: str) -> Table:
+def _trial_table(trials: list[dict], title: str, width: int | None = None):
+    from orchestrator.display import fit_table
+
+    return fit_table(title, _trial_columns(), [{c: _fmt(t.get(c), c) for c in COLUMNS} for t in trials],
+                     width=width or console.width)
+
+
+def _stage_line(job: dict) -> str:
+    """``stage: teacher (120/500 steps)``; empty before the driver has said anything."""
+    stage, progress = job.get("stage"), dict(job.get("progress") or {})
+    if not stage:
+        return ""
+    if stage == "search" and progress.get("unit") == "trials":  # the recorder's rows are the live count
+        counts = job.get("trial_counts", {})
+        progress["done"] = sum(counts.get(k, 0) for k in ("terminated", "stopped_early", "error"))
+    done, total, unit = progress.get("done"), progress.get("total"), progress.get("unit", "")
+    if done is not None and total:
+        return f"stage: {stage} ({done}/{total} {unit}, {100 * done / total:.0f}%)".replace(" ,", ",")
+    if done is not None:
+        return f"stage: {stage} ({done} {unit})".rstrip()
+    return f"stage: {stage}"
+
+
+def _progress_table(store, job_id: str):
+    from orchestrator.display import Column, fit_table
+
     job = store.get_job(job_id)
     trials = store.trials(job_id)
     counts = job.get("trial_counts", {})
     best = [t for t in trials if t.get("metric") is not None and t["status"] == "terminated"]
     best.sort(key=lambda t: (-(t["metric"] or 0), t.get("size_bytes") or 0))
-    table = Table(title=f"{job_id}: {job['status']} · done {counts.get('terminated', 0)} · "
-                        f"running {counts.get('running', 0)} · stopped early {counts.get('stopped_early', 0)} · "
-                        f"failed {counts.get('error', 0)}")
-    for c in ("trial_id", "metric", "metric_drop", "size", "latency_ms_b1"):
-        table.add_column(c)
-    for t in best[:5]:
-        table.add_row(t["trial_id"], _fmt(t["metric"]), _fmt(t["metric_drop"]), _fmt(t["size_bytes"], "size_bytes"),
-                      _fmt(t["latency_ms_b1"]))
-    return table
+    stage = _stage_line(job)
+    title = (f"{job_id}: {job['status']}" + (f" · {stage}" if stage else "") +
+             f"\ntrials: done {counts.get('terminated', 0)} · running {counts.get('running', 0)} · "
+             f"stopped early {counts.get('stopped_early', 0)} · failed {counts.get('error', 0)}")
+    columns = [Column("trial_id", "trial_id", "trial", 9), Column("metric", "metric", "metric", 8, True),
+               Column("metric_drop", "metric_drop", "drop", 7, True), Column("size_bytes", "size", "size", 6, True),
+               Column("latency_ms_b1", "latency_ms_b1", "b1 ms", 5, True)]
+    rows = [{c.key: _fmt(t.get(c.key), c.key) for c in columns} for t in best[:5]]
+    return fit_table(title, columns, rows, width=console.width)
 
 
 def _follow(db_url: str, job_id: str, stop: threading.Event) -> None:
@@ -173,13 +207,17 @@ def jobs(limit: int = typer.Option(20, help="how many")):
     """List jobs, newest first."""
     from common.paths import open_store
 
-    table = Table(title="jobs")
-    for c in ("id", "status", "teacher", "dataset", "trials", "created"):
-        table.add_column(c)
-    for j in open_store().list_jobs(limit=limit):
-        table.add_row(j["id"], j["status"], str(j.get("teacher")), str(j.get("dataset")),
-                      str(sum(j.get("trial_counts", {}).values())), str(j.get("created_at", ""))[:19])
-    console.print(table)
+    from orchestrator.display import Column, fit_table
+
+    columns = [Column("id", "id", "id", 9), Column("status", "status", "status", 8),
+               Column("stage", "stage", "stage", 5), Column("trials", "trials", "trials", 6, True),
+               Column("dataset", "dataset", "data", 3), Column("teacher", "teacher", "teacher", 2),
+               Column("created", "created", "created", 1)]
+    rows = [{"id": j["id"], "status": j["status"], "stage": j.get("stage") or "-", "teacher": str(j.get("teacher")),
+             "dataset": str(j.get("dataset")), "trials": str(sum(j.get("trial_counts", {}).values())),
+             "created": str(j.get("created_at", ""))[:16].replace("T", " ")}
+            for j in open_store().list_jobs(limit=limit)]
+    console.print(fit_table("jobs", columns, rows, width=console.width))
 
 
 @app.command()

@@ -139,6 +139,7 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
     store.set_job_status(job_id, "running")
     store.set_job_tune_path(job_id, str(root / "tune"))
     try:
+        store.set_job_stage(job_id, "teacher")
         cache = root.parent / "teachers"
         # a trial's resources: Ray gives the task as many torch threads as CPUs, and nothing else runs yet
         prep = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(_prepare_teacher)
@@ -154,9 +155,12 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
                         "code_version": code_version()})
         tuner = _tuner(spec, job_id, store.url, shared, settings,
                        restore_path if restore_path and Path(restore_path).exists() else None)
+        store.set_job_stage(job_id, "search", {"done": 0, "total": spec.budget.num_trials, "unit": "trials"})
         tuner.fit()
+        store.set_job_stage(job_id, "front")
         close_unfinished(store, job_id)
         compute_front(store, job_id, spec)
+        store.set_job_stage(job_id, "done")
         if store.get_job(job_id)["status"] != "cancelled":
             store.set_job_status(job_id, "finished")
     except KeyboardInterrupt:
