@@ -34,7 +34,7 @@ def test_teacher_is_prepared_once_and_cached(tiny_prepared, tiny_teacher_dir):
 
 
 def test_recipe_composes_and_artifact_reloads(tiny_prepared, tmp_path):
-    cfg = TrialConfig.from_dict({"student": {"layers": 1}, "prune": {"kind": "heads", "sparsity": 0.5,
+    cfg = TrialConfig.model_validate({"student": {"layers": 1}, "prune": {"kind": "heads", "sparsity": 0.5,
                                                                       "importance": "magnitude"},
                                  "quant": {"mode": "dynamic"}, "train": {"max_steps": 4, "batch_size": 16}})
     reports = []
@@ -43,14 +43,15 @@ def test_recipe_composes_and_artifact_reloads(tiny_prepared, tmp_path):
         assert key in result
     assert result["size_bytes"] < tiny_prepared.metrics["size_bytes"] / 3  # 1 of 2 layers, half the heads, int8
     model, _, meta = artifacts.load(result["artifact_uri"])
-    assert meta["trial_config"] == cfg.to_dict() and meta["metrics"]["size_bytes"] == result["size_bytes"]
+    assert meta["trial_config"] == cfg.model_dump(mode="json", exclude_none=True)
+    assert meta["metrics"]["size_bytes"] == result["size_bytes"]
     assert model.bert.encoder.layer[0].attention.self.num_attention_heads == 2
     again, _, _ = artifacts.load(result["artifact_uri"])
     assert np.array_equal(predict_logits(model, tiny_prepared.eval), predict_logits(again, tiny_prepared.eval))
 
 
 def test_intermediate_reports_carry_checkpoints(tiny_prepared, tmp_path):
-    cfg = TrialConfig.from_dict({"train": {"max_steps": 4, "batch_size": 16, "eval_every": 2}})
+    cfg = TrialConfig.model_validate({"train": {"max_steps": 4, "batch_size": 16, "eval_every": 2}})
     seen = []
     run(cfg, _context(tiny_prepared, tmp_path, "t2", report=lambda m, c: seen.append((m["step"], c)),
                       checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2))
@@ -64,7 +65,7 @@ def test_real_minilm_recipe_on_sst2(tmp_path):
     data = load(TaskConfig(dataset="glue/sst2", train_size=400, eval_size=200, max_length=48))
     t = prepare("minilm", data, TrainConfig(lr=1e-4, epochs=3, batch_size=16), tmp_path / "teachers")
     assert t.metrics["params"] > 22_000_000 and t.metrics["accuracy"] > 60  # chance is ~51%
-    cfg = TrialConfig.from_dict({"student": {"layers": 3}, "distill": {"temperature": 2.0, "alpha": 0.9},
+    cfg = TrialConfig.model_validate({"student": {"layers": 3}, "distill": {"temperature": 2.0, "alpha": 0.9},
                                  "train": {"lr": 1e-4, "max_steps": 10, "batch_size": 16}})
     result = run(cfg, TrialContext(teacher_uri=t.uri, teacher_metrics=t.metrics, train=t.train, eval=t.eval,
                                    teacher_logits=t.train_logits, metric="accuracy", out_dir=str(tmp_path / "s"),

@@ -11,11 +11,14 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
 from pathlib import Path
 
 import numpy as np
 
-from workers.configs import _check, _choice, _positive_int
+from pydantic import Field, model_validator
+
+from common.config import Frozen, Int, Str
 from common.errors import DataError
 
 __all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout"]
@@ -34,44 +37,45 @@ def known_layout(dataset: str) -> dict | None:
     return _GLUE.get(dataset.lower())
 
 
-@dataclass(frozen=True)
-class TaskConfig:
+class TaskConfig(Frozen):
     """Where the data is and how to read it. Columns and metric default from known GLUE layouts."""
 
-    dataset: str = "glue/sst2"
-    text_columns: tuple[str, ...] | None = None  # one column (single sentence) or two (sentence pair)
-    label_column: str | None = None
-    labels: tuple[str, ...] | None = None  # the label set, in class-index order; default: sorted train labels
-    metric: str | None = None  # accuracy | f1 | accuracy_f1 (the objective "metric" is accuracy, or F1 for f1)
-    max_length: int = 128
-    train_size: int | None = None  # a seeded random subset; None = all
-    eval_size: int | None = None
-    train_split: str = "train"
-    eval_split: str | None = None
-    seed: int = 0
+    _prefix: ClassVar[str] = "task"
 
-    def __post_init__(self):
-        _check(isinstance(self.dataset, str) and self.dataset.strip() != "", "task.dataset",
-               "a hub id, a known name like glue/sst2, or a local directory/file", self.dataset)
-        layout = known_layout(self.dataset) or {}
-        cols = self.text_columns if self.text_columns is not None else layout.get("text_columns", ("text",))
-        if isinstance(cols, str):
-            cols = (cols,)
-        cols = tuple(cols)
-        _check(len(cols) in (1, 2) and all(isinstance(c, str) for c in cols), "task.text_columns",
-               "one or two column names", cols)
-        object.__setattr__(self, "text_columns", cols)
-        object.__setattr__(self, "label_column", self.label_column or layout.get("label_column", "label"))
-        object.__setattr__(self, "metric", self.metric or layout.get("metric", "accuracy"))
-        object.__setattr__(self, "eval_split", self.eval_split or layout.get("eval_split", "validation"))
-        if self.labels is not None:
-            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
-            _check(len(self.labels) >= 2, "task.labels", "at least two labels", self.labels)
-        _choice(self.metric, "task.metric", ("accuracy", "f1", "accuracy_f1"))
-        _positive_int(self.max_length, "task.max_length")
-        _check(self.max_length <= 512, "task.max_length", "≤ 512", self.max_length)
-        _positive_int(self.train_size, "task.train_size", allow_none=True)
-        _positive_int(self.eval_size, "task.eval_size", allow_none=True)
+    dataset: Str = Field("glue/sst2", min_length=1, description="a hub id, a known name like glue/sst2, or a "
+                                                               "local directory/file")
+    text_columns: tuple[Str, ...] = Field(None, min_length=1, max_length=2, description="one column (single "
+                                          "sentence) or two (sentence pair); default: the known layout's, else text")
+    label_column: Str = Field(None, description="default: the known layout's, else label")
+    labels: Optional[tuple[Str, ...]] = Field(None, min_length=2, description="the label set, in class-index "
+                                                                             "order; default: sorted train labels")
+    metric: Literal["accuracy", "f1", "accuracy_f1"] = Field(
+        None, description="the objective `metric` is accuracy, or F1 for f1; default: the known layout's, else "
+                          "accuracy")
+    max_length: Int = Field(128, ge=1, le=512, description="tokens per row")
+    train_size: Optional[Int] = Field(None, ge=1, description="a seeded random subset; None = all")
+    eval_size: Optional[Int] = Field(None, ge=1, description="a seeded random subset; None = all")
+    train_split: Str = "train"
+    eval_split: Str = Field(None, description="default: the known layout's, else validation")
+    seed: Int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _layout_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v is not None or k in ("labels", "train_size", "eval_size")}
+        dataset = data.get("dataset", "glue/sst2")
+        layout = (known_layout(dataset) if isinstance(dataset, str) else None) or {}
+        if isinstance(data.get("text_columns"), str):
+            data["text_columns"] = (data["text_columns"],)
+        if isinstance(data.get("labels"), (list, tuple)):  # label names may be written as numbers in YAML
+            data["labels"] = tuple(str(x) for x in data["labels"])
+        defaults = {"text_columns": layout.get("text_columns", ("text",)),
+                    "label_column": layout.get("label_column", "label"),
+                    "metric": layout.get("metric", "accuracy"),
+                    "eval_split": layout.get("eval_split", "validation")}
+        return {**defaults, **data}
 
 
 @dataclass
@@ -193,7 +197,7 @@ def _hub_rows(cfg: TaskConfig) -> tuple[list[dict], list[dict], str, TaskConfig]
         if layout:
             ds = datasets.load_dataset(*layout["hub"])
             eval_split = layout["hub_eval"]
-            cfg = TaskConfig(**{**cfg.__dict__, "text_columns": layout.get("hub_columns", cfg.text_columns),
+            cfg = TaskConfig(**{**cfg.model_dump(), "text_columns": layout.get("hub_columns", cfg.text_columns),
                                 "label_column": layout.get("hub_label", cfg.label_column), "eval_split": eval_split})
         else:
             name, _, subset = cfg.dataset.partition(":")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -61,8 +61,8 @@ class Teacher:
 def _fingerprint(model_path: str, data: TaskData, train: TrainConfig) -> str:
     cfg_file = Path(model_path) / "config.json"
     model_id = cfg_file.read_text() if cfg_file.is_file() else model_path
-    blob = json.dumps([model_id, data.source, asdict(data.config), asdict(train), len(data.train)],
-                      sort_keys=True, default=str)
+    blob = json.dumps([model_id, data.source, data.config.model_dump(mode="json"), train.model_dump(mode="json"),
+                       len(data.train)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -111,7 +111,7 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
     net.config.label2id = {n: i for i, n in enumerate(data.label_names)}
     tmp = out.with_name(out.name + ".tmp")
     artifacts.save(net, tok, tmp, meta={"role": "teacher", "source_model": model, "dataset": data.source,
-                                        "task": asdict(data.config), "code_version": code_version()})
+                                        "task": data.config.model_dump(mode="json"), "code_version": code_version()})
     loaded, _, _ = artifacts.load(tmp)
     metrics = measure(loaded, eval_enc, data.config.metric, seq_len=data.config.max_length,
                       threads=latency_threads, runs=latency_runs)

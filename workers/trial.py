@@ -90,7 +90,8 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
         student = quantize(student, cfg.quant, calibration=ctx.train)
 
     # 4. save, then measure the artifact as it will be served
-    meta = {"role": "student", "trial_config": cfg.to_dict(), "teacher": ctx.teacher_uri, **ctx.provenance}
+    meta = {"role": "student", "trial_config": cfg.model_dump(mode="json", exclude_none=True),
+            "teacher": ctx.teacher_uri, **ctx.provenance}
     info = artifacts.save(student, tokenizer, ctx.out_dir, meta=meta)
     loaded, _, _ = artifacts.load(info.uri)
     m = measure(loaded, ctx.eval, ctx.metric, seq_len=ctx.seq_len, threads=ctx.latency_threads,
