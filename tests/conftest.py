@@ -1,20 +1,87 @@
-"""Shared fixtures: tiny random BERTs built from a config, the real assets, a temp store, a local Ray."""
+"""Shared fixtures: tiny random BERTs built from a config, a small made-up task, a temp store, a local Ray.
+
+Tests marked ``glue`` read the real GLUE files under ``$SLIMRAY_DATA_DIR`` (docs/operations.md); without them
+those tests are deselected, and everything else runs on data written here.
+"""
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Ray must stay on loopback and quiet in every test (STACK.md).
+# Ray must stay on loopback and quiet in every test (docs/architecture.md, "Stack facts").
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ASSETS = Path(os.environ.get("SLIMRAY_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "assets"))
-os.environ.setdefault("SLIMRAY_DATA_DIR", str(ASSETS))
+GLUE_FILES = ("glue/SST-2/train.tsv", "glue/SST-2/dev.tsv", "glue/MRPC/train.tsv", "glue/MRPC/dev.tsv")
+_GLUE_DESELECTED = pytest.StashKey[int]()
+
+
+def glue_data_dir() -> Path | None:
+    """``$SLIMRAY_DATA_DIR`` when it holds every GLUE file the ``glue`` tests read, else None."""
+    root = os.environ.get("SLIMRAY_DATA_DIR")
+    if root and all((Path(root) / f).is_file() for f in GLUE_FILES):
+        return Path(root)
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    # Deselected rather than skipped: a run without the data must not look as if those tests passed.
+    if glue_data_dir() is not None:
+        return
+    need = [item for item in items if item.get_closest_marker("glue")]
+    if need:
+        items[:] = [item for item in items if not item.get_closest_marker("glue")]
+        config.hook.pytest_deselected(items=need)
+        config.stash[_GLUE_DESELECTED] = len(need)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.stash.get(_GLUE_DESELECTED, 0)
+    if n:
+        need = "1 test needs" if n == 1 else f"{n} tests need"
+        terminalreporter.write_line(f"{need} the GLUE data in SLIMRAY_DATA_DIR ({', '.join(GLUE_FILES)}; "
+                                    "see docs/operations.md): deselected")
+
+
+# Cue words of each class and neutral filler, all whole words of the tiny tokenizers' vocabulary.
+_POSITIVE = "good great love best fun funny sweet smart".split()
+_NEGATIVE = "bad awful hate worst boring dull mess stupid".split()
+_FILLER = ("the a an and or but very movie film story plot actor actors is was it this that of to in on with for "
+           "as by one two more less really quite").split()
+
+
+def write_tiny_sentiment(directory, *, train: int = 2000, eval: int = 200, seed: int = 0) -> Path:
+    """A made-up binary sentiment task in the layout slimray reads from a local directory: ``train.tsv`` and
+    ``validation.tsv`` with columns ``text`` and ``label`` (0/1), sentences of 6-14 words like SST-2's. Each
+    sentence holds one or two cue words of its class among filler, and one in five also a cue of the other
+    class, so a 2-layer model learns it but not instantly. Returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for name, rows in (("train.tsv", train), ("validation.tsv", eval)):
+        lines = ["text\tlabel"]
+        for _ in range(rows):
+            label = rng.randrange(2)
+            own, other = (_POSITIVE, _NEGATIVE) if label else (_NEGATIVE, _POSITIVE)
+            words = rng.choices(_FILLER, k=rng.randint(5, 11)) + rng.sample(own, rng.randint(1, 2))
+            if rng.random() < 0.2:
+                words.append(rng.choice(other))
+            rng.shuffle(words)
+            lines.append(f"{' '.join(words)}\t{label}")
+        (directory / name).write_text("\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_task_dir(tmp_path_factory) -> Path:
+    """One made-up sentiment task for the session (``write_tiny_sentiment``): give it as ``task.dataset``."""
+    return write_tiny_sentiment(tmp_path_factory.mktemp("tiny-task"))
 
 
 def tiny_bert_config(layers: int = 2, hidden: int = 64, heads: int = 4, ffn: int = 128, vocab: int = 1000,
@@ -114,11 +181,13 @@ def ray_local():
 
 
 def tiny_job(teacher_dir, tmp_path, **over) -> dict:
-    """A real job spec on the tiny teacher and 200 SST-2 rows."""
+    """A real job spec on the tiny teacher and 200 rows of a made-up sentiment task written under ``tmp_path``
+    (2,000 rows there: override ``task.train_size`` up to that)."""
+    data = write_tiny_sentiment(Path(tmp_path) / "task")
     spec = {
         "name": "tiny",
         "teacher": str(teacher_dir),
-        "task": {"dataset": "glue/sst2", "train_size": 200, "eval_size": 100, "max_length": 32},
+        "task": {"dataset": str(data), "train_size": 200, "eval_size": 100, "max_length": 32},
         "teacher_train": {"epochs": 2, "lr": 1e-3, "batch_size": 16},
         "search": {"student": {"layers": [1, 2]}, "prune": {"kind": ["none", "heads"], "sparsity": 0.5,
                                                              "importance": "magnitude"},

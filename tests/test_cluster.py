@@ -30,7 +30,7 @@ def test_trials_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teacher_
                    search={"student": {"layers": [1, 2]}, "prune": {"kind": "none"}, "quant": {"mode": "none"}},
                    budget={"num_trials": 6, "max_concurrent": 3, "max_failures": 2},
                    train={"epochs": 1, "batch_size": 16, "eval_every": 2},
-                   task={"dataset": "glue/sst2", "train_size": 400, "eval_size": 100, "max_length": 32})
+                   task={"train_size": 400, "eval_size": 100, "max_length": 32})
     store_url = raw["storage"]["db_url"]
 
     def every_node_busy(store, trials):

@@ -5,6 +5,7 @@ from workers.data import TaskConfig, encode, load
 from common.errors import ConfigError, DataError
 
 
+@pytest.mark.glue
 def test_sst2_local_subset_is_seeded_and_sized():
     a = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=3))
     b = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=3))
@@ -15,6 +16,24 @@ def test_sst2_local_subset_is_seeded_and_sized():
     assert "SST-2" in a.source
 
 
+def test_known_name_reads_the_glue_layout_under_the_data_dir(tmp_path, monkeypatch):
+    from conftest import write_tiny_sentiment
+
+    sst2 = write_tiny_sentiment(tmp_path / "glue" / "SST-2", train=400, eval=60)
+    (sst2 / "validation.tsv").rename(sst2 / "dev.tsv")  # GLUE names its eval split dev
+    for name in ("train.tsv", "dev.tsv"):  # GLUE's column is "sentence"
+        path = sst2 / name
+        path.write_text(path.read_text().replace("text\tlabel", "sentence\tlabel", 1))
+    monkeypatch.setenv("SLIMRAY_DATA_DIR", str(tmp_path))
+    a = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=3))
+    again = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=3))
+    other = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=4))
+    assert a.source == str(sst2) and (len(a.train), len(a.eval)) == (300, 50)
+    assert a.train.texts == again.train.texts and a.train.texts != other.train.texts
+    assert a.label_names == ("0", "1")
+
+
+@pytest.mark.glue
 def test_full_dev_set_and_pairs():
     sst = load(TaskConfig(dataset="glue/sst2", train_size=10))
     assert len(sst.eval) == 872 and int(sst.eval.labels.sum()) == 444
@@ -52,8 +71,12 @@ def test_errors_name_the_problem(tmp_path):
         TaskConfig(metric="bleu")
 
 
-def test_encode_pads_and_batches_trim(tiny_tokenizer):
-    data = load(TaskConfig(dataset="glue/mrpc", train_size=8, eval_size=4))
+def test_encode_pads_and_batches_trim(tiny_tokenizer, tmp_path):
+    pairs = "".join(f'{{"a": "the film was {"good " * i}fun", "b": "a very {"dull " * i}story", "label": {i % 2}}}\n'
+                    for i in range(10))
+    (tmp_path / "train.jsonl").write_text(pairs)
+    (tmp_path / "validation.jsonl").write_text(pairs)
+    data = load(TaskConfig(dataset=str(tmp_path), text_columns=("a", "b"), train_size=8, eval_size=4))
     enc = encode(data.train, tiny_tokenizer, 32)
     assert enc.input_ids.shape[0] == 8 and enc.input_ids.shape[1] <= 32
     assert (enc.lengths <= 32).all() and enc.token_type_ids.max() == 1  # pairs get segment ids

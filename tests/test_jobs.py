@@ -79,7 +79,7 @@ def test_driver_killed_mid_search_is_resumed_without_loss(tiny_teacher_dir, tmp_
 
     raw = tiny_job(tiny_teacher_dir, tmp_path, algorithm={"name": "random", "asha": False},
                    budget={"num_trials": 4, "max_concurrent": 1},
-                   task={"dataset": "glue/sst2", "train_size": 2000, "eval_size": 100, "max_length": 32},
+                   task={"train_size": 2000, "eval_size": 100, "max_length": 32},
                    train={"epochs": 2, "batch_size": 16, "eval_every": 25})  # trials long enough to kill one
     spec_file = tmp_path / "job.json"
     spec_file.write_text(json.dumps(raw))
@@ -147,7 +147,7 @@ def test_killed_trial_process_resumes_from_its_checkpoint(tiny_teacher_dir, tmp_
     raw = tiny_job(tiny_teacher_dir, tmp_path, algorithm={"name": "random", "asha": False},
                    search={"student": {"layers": [2]}, "prune": {"kind": "none"}, "quant": {"mode": "none"}},
                    budget={"num_trials": 1, "max_concurrent": 1, "max_failures": 2},
-                   task={"dataset": "glue/sst2", "train_size": 400, "eval_size": 100, "max_length": 32},
+                   task={"train_size": 400, "eval_size": 100, "max_length": 32},
                    train={"epochs": 2, "batch_size": 16, "eval_every": 10})
     killed = {}
 

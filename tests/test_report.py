@@ -58,9 +58,32 @@ def test_markdown_lists_the_front_with_ratios_against_the_teacher(store):
     assert "4 trials: 2 ran to the end, 1 stopped early by ASHA, 1 failed" in md
 
 
-def test_plot_marks_baselines(store, tmp_path):
+def test_plot_marks_baselines(store, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from PIL import Image
 
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its points back
     out = plot_front(store, "job-r", tmp_path / "front.png",
                      marks=[{"label": "PTQ", "metric": 88.0, "size_bytes": 6e6, "latency_ms_b1": 2.0}])
-    assert Image.open(out).size[0] > 500
+    [fig] = figures
+    try:
+        size_ax, latency_ax = fig.axes
+
+        def points(ax):
+            return {c.get_label(): sorted(map(tuple, c.get_offsets().tolist())) for c in ax.collections}
+
+        # x: MB on the size panel, ms on the latency panel (t_small's re-measured 0.8 ms); y: the metric
+        assert points(size_ax) == {"trials": [(6.0, 80.0)], "Pareto front": [(1.0, 87.0), (5.0, 89.5)],
+                                   "teacher": [(10.0, 90.0)], "PTQ": [(6.0, 88.0)]}
+        assert points(latency_ax) == {"trials": [(3.0, 80.0)], "Pareto front": [(0.8, 87.0), (2.5, 89.5)],
+                                      "teacher": [(5.0, 90.0)], "PTQ": [(2.0, 88.0)]}
+        [legend] = fig.legends
+        assert [t.get_text() for t in legend.get_texts()] == ["trials", "Pareto front", "teacher", "PTQ"]
+    finally:
+        close(fig)
+    assert Image.open(out).format == "PNG"

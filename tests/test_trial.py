@@ -18,17 +18,17 @@ def _context(t, tmp_path, name, **kw):
 
 
 @pytest.fixture(scope="module")
-def tiny_prepared(tiny_teacher_dir, tmp_path_factory):
-    data = load(TaskConfig(dataset="glue/sst2", train_size=128, eval_size=64, max_length=32))
+def tiny_prepared(tiny_teacher_dir, tiny_task_dir, tmp_path_factory):
+    data = load(TaskConfig(dataset=str(tiny_task_dir), train_size=128, eval_size=64, max_length=32))
     return prepare(str(tiny_teacher_dir), data, TrainConfig(lr=1e-3, epochs=1, batch_size=16),
                    tmp_path_factory.mktemp("teachers"))
 
 
-def test_teacher_is_prepared_once_and_cached(tiny_prepared, tiny_teacher_dir):
+def test_teacher_is_prepared_once_and_cached(tiny_prepared, tiny_teacher_dir, tiny_task_dir):
     t = tiny_prepared
     assert t.train_logits.shape == (128, 2) and t.metrics["size_bytes"] > 0
-    again = prepare(str(tiny_teacher_dir), load(TaskConfig(dataset="glue/sst2", train_size=128, eval_size=64,
-                                                           max_length=32)),
+    again = prepare(str(tiny_teacher_dir),
+                    load(TaskConfig(dataset=str(tiny_task_dir), train_size=128, eval_size=64, max_length=32)),
                     TrainConfig(lr=1e-3, epochs=1, batch_size=16), t.uri.rsplit("/", 1)[0])
     assert again.uri == t.uri and np.array_equal(again.train_logits, t.train_logits)
 
@@ -60,6 +60,7 @@ def test_intermediate_reports_carry_checkpoints(tiny_prepared, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.glue
 def test_real_minilm_recipe_on_sst2(tmp_path):
     """The real all-MiniLM-L6-v2 teacher, a few hundred SST-2 rows, a handful of DeepSpeed steps."""
     data = load(TaskConfig(dataset="glue/sst2", train_size=400, eval_size=200, max_length=48))
