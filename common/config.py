@@ -187,6 +187,9 @@ def _lines(e: dict, model) -> list[tuple[str, str]]:
                  else f"must be {sign} {ctx[key]}{got}")]
     if kind in _TYPES:
         return [(path, f"must be {_TYPES[kind]}{got}")]
+    if kind == "string_too_short":
+        return [(path, f"must not be empty{got}" if ctx.get("min_length") == 1
+                 else f"must have at least {ctx.get('min_length')} characters{got}")]
     if kind in ("too_short", "too_long"):
         bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
         what = "at least" if kind == "too_short" else "at most"

@@ -5,16 +5,16 @@ Submodules load on first use, so ``import search`` pulls in neither Ray nor Optu
 import importlib
 
 __all__ = [
-    "SearchSpace", "Fixed", "Choice", "Range", "build", "optuna_space", "to_trial_config",
-    "SearchSettings", "make", "param_space_for", "OBJECTIVES",
+    "SearchSpace", "Fixed", "Choice", "Range", "build", "optuna_space", "to_trial_config", "trial_config",
+    "SearchSettings", "make", "param_space_for", "OBJECTIVES", "Objective", "Objectives",
     "front", "nondominated_sort", "hypervolume", "violation", "pick", "closest",
 ]
 
 _HOME = {
-    **dict.fromkeys(["SearchSpace", "Fixed", "Choice", "Range", "build", "optuna_space", "to_trial_config"],
-                    "search.space"),
+    **dict.fromkeys(["SearchSpace", "Fixed", "Choice", "Range"], "search.space"),
+    **dict.fromkeys(["build", "optuna_space", "to_trial_config", "trial_config"], "search.adapters"),
     **dict.fromkeys(["SearchSettings", "make", "param_space_for"], "search.algorithms"),
-    "OBJECTIVES": "search.objectives",
+    **dict.fromkeys(["OBJECTIVES", "Objective", "Objectives"], "search.objectives"),
     **dict.fromkeys(["front", "nondominated_sort", "hypervolume", "violation", "pick", "closest"], "search.pareto"),
 }
 

@@ -1,148 +1,85 @@
 """Which searcher and scheduler a job runs: :class:`SearchSettings` in, Tune objects out of :func:`make`.
 
 Multi-objective search leaves ``TuneConfig`` without metric/mode: Tune's own metric is a single
-string, so the objectives go to ``OptunaSearch`` only and ASHA gets its own single metric.
+string, so the objectives go to ``OptunaSearch`` (and to MO-ASHA) only, and metric ASHA gets its own
+single metric.
 """
 from __future__ import annotations
 
-import numbers
-from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Literal, Optional
 
-from search.objectives import DIRECTIONS, OBJECTIVES
-from search.space import SearchSpace, build, optuna_space
+from pydantic import Field, model_validator
+
+from common.config import Float, Frozen, Int, Problems, Str
 from common.errors import SpecError
+from search.adapters import build, optuna_space
+from search.objectives import DIRECTIONS, OBJECTIVES, Objective
+from search.space import SearchSpace
 
-__all__ = ["ALGORITHMS", "SearchSettings", "make", "param_space_for"]
+__all__ = ["ALGORITHMS", "SCHEDULERS", "SearchSettings", "make", "param_space_for"]
 
 ALGORITHMS = ("tpe", "nsga2", "random", "grid")
+SCHEDULERS = ("mo", "metric", "none")
 
 
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+class SearchSettings(Frozen):
+    """How to search: the searcher, and the scheduler that stops unpromising trials early."""
 
+    _prefix: ClassVar[str] = "algorithm"
+    _error: ClassVar[type] = SpecError
 
-def _objectives(raw, problems: list) -> tuple:
-    """``[(name, dir)]``, ``["name:dir"]`` or ``{name: dir}`` as a tuple of pairs; problems noted."""
-    if isinstance(raw, dict):
-        raw = list(raw.items())
-    if not isinstance(raw, (list, tuple)) or not raw:
-        problems.append(f"objectives: must be a non-empty list like [[metric, max], [size_bytes, min]], "
-                        f"got {_show(raw)}")
-        return ()
-    out = []
-    for i, item in enumerate(raw):
-        if isinstance(item, str) and item.count(":") == 1:
-            item = tuple(s.strip() for s in item.split(":"))
-        if not isinstance(item, (list, tuple)) or len(item) != 2:
-            problems.append(f"objectives[{i}]: must be a (name, max|min) pair, got {_show(item)}")
-            continue
-        name, direction = item
-        if name not in OBJECTIVES:
-            problems.append(f"objectives[{i}]: no trial reports {_show(name)}; use one of {', '.join(OBJECTIVES)}")
-        elif direction not in DIRECTIONS:
-            problems.append(f"objectives[{i}]: direction must be max or min, got {_show(direction)}")
-        elif any(name == n for n, _ in out):
-            problems.append(f"objectives[{i}]: {name} is listed twice; list each objective once")
-        else:
-            out.append((name, direction))
-    return tuple(out)
+    name: Literal[ALGORITHMS] = Field("tpe", description="tpe | nsga2 (Optuna, multi-objective) | random | grid "
+                                                         "(Tune's variant generator)")
+    asha: Literal[SCHEDULERS] = Field(
+        "metric", description="mo: multi-objective ASHA over the objectives (the default with more than one "
+                              "objective); metric: ASHA on asha_metric alone (the default with one); none: every "
+                              "trial runs to the end")
+    asha_metric: Literal[OBJECTIVES] = Field("metric", description="what metric ASHA stops on; a trial reports "
+                                                                   "it at every time_attr step")
+    asha_mode: Literal[DIRECTIONS] = "max"
+    time_attr: Str = Field("step", min_length=1, description="the counter trials report, like step")
+    max_t: Int = Field(100, ge=1, description="the last rung")
+    grace_period: Int = Field(1, ge=1, description="the first rung")
+    reduction_factor: Float = Field(4, gt=1, description="ASHA keeps 1/reduction_factor at each rung")
+    seed: Optional[Int] = Field(0, ge=0, lt=2**32, description="seeds the Optuna sampler / Tune's variant "
+                                                              "generator; null draws a fresh one")
 
-
-def _int(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """How to search. Errors name the bare field (``max_t: ...``) so a caller can prefix its own path."""
-
-    algorithm: str = "tpe"  # tpe | nsga2 (Optuna, multi-objective) | random | grid (Tune's variant generator)
-    objectives: tuple = (("metric", "max"), ("size_bytes", "min"), ("latency_ms_b1", "min"))
-    asha: bool = True
-    asha_metric: str = "metric"  # ASHA stops on one metric a trial reports at every time_attr step
-    asha_mode: str = "max"
-    time_attr: str = "step"
-    max_t: int = 100
-    grace_period: int = 1
-    reduction_factor: float = 4
-    seed: int | None = 0  # seeds the Optuna sampler / Tune's variant generator; None draws a fresh one
-
-    def __post_init__(self):
-        problems: list[str] = []
-        object.__setattr__(self, "objectives", _objectives(self.objectives, problems))
-        if self.algorithm not in ALGORITHMS:
-            problems.append(f"algorithm: must be one of {'|'.join(ALGORITHMS)}, got {_show(self.algorithm)}")
-        if not isinstance(self.asha, bool):
-            problems.append(f"asha: must be true or false, got {_show(self.asha)}")
-        if self.asha_metric not in OBJECTIVES:
-            problems.append(f"asha_metric: no trial reports {_show(self.asha_metric)}; "
-                            f"use one of {', '.join(OBJECTIVES)}")
-        if self.asha_mode not in DIRECTIONS:
-            problems.append(f"asha_mode: must be max or min, got {_show(self.asha_mode)}")
-        else:
-            for name, direction in self.objectives:
-                if name == self.asha_metric and direction != self.asha_mode:
-                    problems.append(f"asha_mode: {self.asha_mode} contradicts objective {name}:{direction}; "
-                                    "use the same direction")
-        if not isinstance(self.time_attr, str) or not self.time_attr:
-            problems.append(f"time_attr: must be the name of a counter trials report, like step, got "
-                            f"{_show(self.time_attr)}")
-        if not _int(self.max_t, 1):
-            problems.append(f"max_t: must be an integer ≥ 1, got {_show(self.max_t)}")
-        if not _int(self.grace_period, 1):
-            problems.append(f"grace_period: must be an integer ≥ 1, got {_show(self.grace_period)}")
-        elif _int(self.max_t, 1) and self.grace_period > self.max_t:
-            problems.append(f"grace_period: must be ≤ max_t ({self.max_t}), got {self.grace_period}")
-        rf = self.reduction_factor
-        if not (isinstance(rf, numbers.Real) and not isinstance(rf, bool) and 1 < rf < float("inf")):
-            problems.append(f"reduction_factor: must be a number > 1 (ASHA keeps 1/reduction_factor), got {_show(rf)}")
-        if self.seed is not None and not (_int(self.seed, 0) and self.seed < 2**32):
-            problems.append(f"seed: must be an integer in [0, 2^32) or null, got {_show(self.seed)}")
-        if problems:
-            raise SpecError(problems)
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls, d) -> "SearchSettings":
-        """Parse a mapping of the fields above; raises SpecError listing every problem."""
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise SpecError([f"settings: must be a mapping, got {_show(d)}"])
-        names = [f.name for f in fields(cls)]
-        unknown = sorted((k for k in d if k not in names), key=str)
-        problems = [f"{k}: unknown key; allowed: {', '.join(names)}" for k in unknown]
-        try:
-            settings = cls(**{k: v for k, v in d.items() if k in names})
-        except SpecError as err:
-            problems += err.problems
-        if problems:
-            raise SpecError(problems)
-        return settings
+    def _earlier_forms(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "algorithm" in data and "name" not in data:  # how specs before `name` wrote it
+            data["name"] = data.pop("algorithm")
+        if isinstance(data.get("asha"), bool):  # earlier versions: true was single-metric ASHA
+            data["asha"] = "metric" if data["asha"] else "none"
+        return data
 
-    def to_dict(self) -> dict:
-        """JSON-ready; ``from_dict(to_dict())`` gives equal settings."""
-        return {**asdict(self), "objectives": [list(o) for o in self.objectives]}
+    @model_validator(mode="after")
+    def _rungs(self):
+        if self.grace_period > self.max_t:
+            raise Problems(("grace_period", f"must be ≤ max_t ({self.max_t}), got {self.grace_period}"))
+        return self
 
 
-def _optuna(space: SearchSpace, settings: SearchSettings, sampler):
+def _optuna(space: SearchSpace, objectives: tuple[Objective, ...], sampler):
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(space=optuna_space(space), sampler=sampler,
-                        metric=[name for name, _ in settings.objectives],
-                        mode=[direction for _, direction in settings.objectives])
+    return OptunaSearch(space=optuna_space(space), sampler=sampler, metric=[o.name for o in objectives],
+                        mode=[o.mode for o in objectives])
 
 
-def _tpe(space, settings):
+def _tpe(space, settings, objectives):
     import optuna
 
-    return _optuna(space, settings, optuna.samplers.TPESampler(seed=settings.seed))
+    return _optuna(space, objectives, optuna.samplers.TPESampler(seed=settings.seed))
 
 
-def _nsga2(space, settings):
+def _nsga2(space, settings, objectives):
     import optuna
 
-    return _optuna(space, settings, optuna.samplers.NSGAIISampler(seed=settings.seed))
+    return _optuna(space, objectives, optuna.samplers.NSGAIISampler(seed=settings.seed))
 
 
 def _variants(space, settings, max_concurrent: int = 0):
@@ -158,36 +95,43 @@ def _variants(space, settings, max_concurrent: int = 0):
     return BasicVariantGenerator(random_state=settings.seed, max_concurrent=max_concurrent)
 
 
-_SEARCHERS = {"tpe": _tpe, "nsga2": _nsga2, "random": _variants, "grid": _variants}
+_SEARCHERS = {"tpe": _tpe, "nsga2": _nsga2}
 
 
-def _scheduler(settings: SearchSettings):
+def _scheduler(settings: SearchSettings, objectives: tuple[Objective, ...]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    if not settings.asha:
+    if settings.asha == "none":
         return FIFOScheduler()
+    if settings.asha == "mo":
+        from search.mo_asha import MOASHAScheduler
+
+        return MOASHAScheduler(time_attr=settings.time_attr, objectives=[(o.name, o.mode) for o in objectives],
+                               max_t=settings.max_t, grace_period=settings.grace_period,
+                               reduction_factor=settings.reduction_factor)
     return ASHAScheduler(time_attr=settings.time_attr, metric=settings.asha_metric, mode=settings.asha_mode,
                          max_t=settings.max_t, grace_period=settings.grace_period,
                          reduction_factor=settings.reduction_factor)
 
 
-def make(space: SearchSpace, settings: SearchSettings, max_concurrent: int = 0):
+def make(space: SearchSpace, settings: SearchSettings, objectives: tuple[Objective, ...], max_concurrent: int = 0):
     """``(search_alg, scheduler)`` for ``TuneConfig``; pass ``param_space_for(space, settings)`` to the Tuner
-    and give ``TuneConfig`` no metric/mode (the searcher and ASHA carry their own). ``max_concurrent`` (0 = no
-    limit) is built into the searcher: Tune ignores ``max_concurrent_trials`` for a ready-made search_alg."""
-    if settings.algorithm in ("random", "grid"):
-        return _variants(space, settings, max_concurrent), _scheduler(settings)
-    searcher = _SEARCHERS[settings.algorithm](space, settings)
+    and give ``TuneConfig`` no metric/mode (the searcher and the scheduler carry their own). ``max_concurrent``
+    (0 = no limit) is built into the searcher: Tune ignores ``max_concurrent_trials`` for a ready-made
+    search_alg."""
+    if settings.name in ("random", "grid"):
+        return _variants(space, settings, max_concurrent), _scheduler(settings, objectives)
+    searcher = _SEARCHERS[settings.name](space, settings, objectives)
     if max_concurrent:
         from ray.tune.search import ConcurrencyLimiter
 
         searcher = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
-    return searcher, _scheduler(settings)
+    return searcher, _scheduler(settings, objectives)
 
 
 def param_space_for(space: SearchSpace, settings: SearchSettings) -> dict:
     """What to pass as ``Tuner(param_space=...)``: ``{}`` for Optuna, whose searcher holds the space
-    (Tune refuses a second one), else :func:`search.space.build` (with grid_search for ``grid``)."""
-    if settings.algorithm in ("tpe", "nsga2"):
+    (Tune refuses a second one), else :func:`search.adapters.build` (with grid_search for ``grid``)."""
+    if settings.name in ("tpe", "nsga2"):
         return {}
-    return build(space, grid=settings.algorithm == "grid")
+    return build(space, grid=settings.name == "grid")

@@ -6,24 +6,28 @@ Parsed from the ``search:`` section of a job YAML, nested by section::
      "train": {"lr": {"low": 1e-5, "high": 1e-3, "log": True}}}
 
 Each dimension is a fixed value, a list of choices or a range, and feeds the trial-config key of
-the same name (``prune.sparsity`` -> ``{"prune": {"sparsity": ...}}``). Ray and Optuna are imported
-only inside :func:`build` and the Optuna sampling callable, so ``import search.space`` stays cheap.
+the same name (``prune.sparsity`` -> ``{"prune": {"sparsity": ...}}``). What a knob may be (its type,
+bounds or choices) is read from the field of the same name in :mod:`workers.configs`, so a bound is
+written once. The Tune and Optuna adapters live in :mod:`search.adapters`.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import types
+import typing
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, Literal
 
-from common.errors import ConfigError, SpecError
+from pydantic import model_serializer, model_validator
 
-__all__ = ["Fixed", "Choice", "Range", "SearchSpace", "DIMENSIONS", "GATES", "build", "optuna_space",
-           "to_trial_config"]
+from common.config import Frozen, Problems
+from common.config import show as _show
+from common.errors import SpecError
+from workers.configs import (DistillConfig, LowRankConfig, PruneConfig, QuantConfig, StudentConfig, TrainConfig)
 
-PRUNE_KINDS = ("none", "unstructured", "heads", "ffn", "structured")
-QUANT_MODES = ("none", "dynamic", "static", "qat", "int4", "mixed")
-GROUP_SIZES = (16, 32, 64, 128, 256)  # what workers' int4 packing supports
+__all__ = ["Fixed", "Choice", "Range", "SearchSpace", "DIMENSIONS", "SECTIONS", "GATES"]
+
 MAX_GRID = 10_000  # a stepped range is enumerated; past this many points the step is surely a typo
 
 
@@ -60,59 +64,120 @@ class _Rule:
     off: object = None  # a value that switches the knob off; it may not bound a range
 
 
-def _cat(options: tuple) -> _Rule:
-    return _Rule(str, "one of " + "|".join(options), lambda v: v in options, ranged=False)
+def _members(union) -> list:
+    return list(typing.get_args(typing.get_args(union)[0]))
 
 
-def _count() -> _Rule:
-    # the cap only keeps samplers' integer arithmetic sane; no student comes near it
-    return _Rule(int, "an integer in [1, 1000000]", lambda v: 1 <= v <= 1_000_000)
+# Which config models a search section feeds, and the field that tags a union member.
+_MODELS = {"student": [StudentConfig], "prune": _members(PruneConfig), "quant": _members(QuantConfig),
+           "lowrank": [LowRankConfig], "distill": [DistillConfig], "train": [TrainConfig]}
+_TAGS = {"prune": "kind", "quant": "mode"}
+# What may be searched. The order matters: a gating parent comes before the knobs it gates (Optuna samples
+# in this order).
+_SEARCHED = ("student.layers", "student.layer_choice", "student.hidden", "student.heads", "student.ffn",
+             "prune.kind", "prune.sparsity", "prune.importance", "quant.mode", "quant.group_size",
+             "quant.embedding_bits", "lowrank.ratio", "distill.temperature", "distill.alpha", "distill.hidden_weight",
+             "distill.attention_weight", "train.lr", "train.epochs")
+_OFF = {"lowrank.ratio": 0.0}  # a ratio of 0 is how a space says "no low-rank factorization" (TrialConfig reads it)
 
 
-# The order matters: a gating parent comes before the knobs it gates (Optuna samples in this order).
-DIMENSIONS: dict[str, _Rule] = {
-    "student.layers": _count(),
-    "student.layer_choice": _cat(("uniform", "bottom", "top")),
-    "student.hidden": _count(),
-    "student.heads": _count(),
-    "student.ffn": _count(),
-    "prune.kind": _cat(PRUNE_KINDS),
-    "prune.sparsity": _Rule(float, "a number in [0, 1)", lambda v: 0 <= v < 1),
-    "prune.importance": _cat(("gradient", "magnitude")),
-    "quant.mode": _cat(QUANT_MODES),
-    "quant.group_size": _Rule(int, "one of " + "|".join(map(str, GROUP_SIZES)), lambda v: v in GROUP_SIZES,
-                              ranged=False),
-    # the word embeddings are half of a MiniLM: an 8x smaller model needs them in 4 bits
-    "quant.embedding_bits": _Rule(int, "one of 4|8", lambda v: v in (4, 8), ranged=False),
-    "lowrank.ratio": _Rule(float, "a number in (0, 1], or 0 for off", lambda v: 0 <= v <= 1, off=0.0),
-    "distill.temperature": _Rule(float, "a number in (0, 50]", lambda v: 0 < v <= 50),
-    "distill.alpha": _Rule(float, "a number in [0, 1]", lambda v: 0 <= v <= 1),
-    "distill.hidden_weight": _Rule(float, "a number ≥ 0", lambda v: v >= 0),
-    "distill.attention_weight": _Rule(float, "a number ≥ 0", lambda v: v >= 0),
-    "train.lr": _Rule(float, "a number in (0, 1)", lambda v: 0 < v < 1),
-    "train.epochs": _Rule(float, "a number > 0", lambda v: v > 0),
-}
+def _tag(model, key: str) -> str:
+    return typing.get_args(model.model_fields[key].annotation)[0]
+
+
+def _base(annotation):
+    """The one type a field holds, Optional and Annotated peeled off."""
+    while True:
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        else:
+            return annotation
+
+
+def _bounds(metadata) -> tuple:
+    """(low, low inclusive, high, high inclusive) from a field's pydantic constraints; None where unbounded."""
+    low = high = None
+    low_in = high_in = True
+    for m in metadata:
+        if getattr(m, "ge", None) is not None:
+            low, low_in = m.ge, True
+        if getattr(m, "gt", None) is not None:
+            low, low_in = m.gt, False
+        if getattr(m, "le", None) is not None:
+            high, high_in = m.le, True
+        if getattr(m, "lt", None) is not None:
+            high, high_in = m.lt, False
+    return low, low_in, high, high_in
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _numeric(kind: type, metadata, off) -> _Rule:
+    low, low_in, high, high_in = _bounds(metadata)
+    noun = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        allowed = f"{noun} in {'[' if low_in else '('}{_num(low)}, {_num(high)}{']' if high_in else ')'}"
+    elif low is not None:
+        allowed = f"{noun} {'≥' if low_in else '>'} {_num(low)}"
+    else:
+        allowed = noun
+
+    def ok(v) -> bool:
+        if low is not None and not (v >= low if low_in else v > low):
+            return False
+        return high is None or (v <= high if high_in else v < high)
+
+    if off is not None:
+        return _Rule(kind, f"{allowed}, or {_num(off)} for off", lambda v: v == off or ok(v), off=off)
+    return _Rule(kind, allowed, ok)
+
+
+def _choices(options: tuple) -> _Rule:
+    kind = int if all(isinstance(o, int) for o in options) else str
+    return _Rule(kind, "one of " + "|".join(map(str, options)), lambda v: v in options, ranged=False)
+
+
+def _rule(name: str) -> _Rule:
+    section, key = name.split(".")
+    models = _MODELS[section]
+    if _TAGS.get(section) == key:
+        return _choices(("none", *(_tag(m, key) for m in models)))
+    field = next(m.model_fields[key] for m in models if key in m.model_fields)
+    kind = _base(field.annotation)
+    if typing.get_origin(kind) is Literal:
+        return _choices(typing.get_args(kind))
+    if kind is str:
+        return _Rule(str, "a string", lambda v: True, ranged=False)
+    return _numeric(kind, field.metadata, _OFF.get(name))
+
+
+DIMENSIONS: dict[str, _Rule] = {name: _rule(name) for name in _SEARCHED}
 SECTIONS: dict[str, tuple[str, ...]] = {
     section: tuple(n.split(".")[1] for n in DIMENSIONS if n.startswith(section + "."))
     for section in dict.fromkeys(n.split(".")[0] for n in DIMENSIONS)
 }
 
-# A knob that only matters for some values of its parent: sampling it otherwise spends the searcher's
-# budget on something the trial ignores. Unstructured pruning ranks weights by magnitude only, so
-# importance is for the structured kinds (workers.configs.UnstructuredPrune has no such field).
-GATES: dict[str, tuple[str, frozenset]] = {
-    "prune.sparsity": ("prune.kind", frozenset(PRUNE_KINDS) - {"none"}),
-    "prune.importance": ("prune.kind", frozenset({"heads", "ffn", "structured"})),
-    "quant.group_size": ("quant.mode", frozenset({"int4"})),
-    "quant.embedding_bits": ("quant.mode", frozenset(QUANT_MODES) - {"none"}),
-}
+
+def _gates() -> dict[str, tuple[str, frozenset]]:
+    # A knob that only some union members have (importance: not UnstructuredPrune; group_size: int4 and mixed)
+    # only matters for those: sampling it otherwise spends the searcher's budget on something the trial ignores.
+    out = {}
+    for name in DIMENSIONS:
+        section, key = name.split(".")
+        tag = _TAGS.get(section)
+        if tag and key != tag:
+            on = frozenset(_tag(m, tag) for m in _MODELS[section] if key in m.model_fields)
+            out[name] = (f"{section}.{tag}", on)
+    return out
+
+
+GATES: dict[str, tuple[str, frozenset]] = _gates()
 
 _BAD = object()
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _value(rule: _Rule, raw, path: str, problems: list):
@@ -234,227 +299,124 @@ def _gate_problems(dims: dict, given: set) -> list:
     return problems
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """The searched dimensions: ``dims`` pairs a flat name (``"prune.sparsity"``) with its dimension."""
+def _parse(d) -> tuple[dict, list]:
+    """The dimensions of a ``search:`` YAML section, and every problem with it."""
+    if d is None:
+        return {}, []
+    if not isinstance(d, dict):
+        return {}, [f"search: must be a mapping of sections ({', '.join(SECTIONS)}), got {_show(d)}"]
+    problems, dims, given = [], {}, set()
+    for section in sorted(d, key=str):
+        body = d[section]
+        if section not in SECTIONS:
+            problems.append(f"search.{section}: unknown section; allowed: {', '.join(SECTIONS)}")
+            continue
+        if body is None:  # a YAML section with every knob commented out
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"search.{section}: must be a mapping of {', '.join(SECTIONS[section])}, "
+                            f"got {_show(body)}")
+            continue
+        for key in sorted(body, key=str):
+            if key not in SECTIONS[section]:
+                problems.append(f"search.{section}.{key}: unknown key; allowed: {', '.join(SECTIONS[section])}")
+                continue
+            name = f"{section}.{key}"
+            given.add(name)
+            dim = _dim(name, body[key], f"search.{name}", problems)
+            if dim is not None:
+                dims[name] = dim
+    return dims, problems + _gate_problems(dims, given)
+
+
+def _check_dims(pairs) -> tuple[dict, list]:
+    """Dimensions given as objects (``SearchSpace(dims=...)``), checked as if they had been written in YAML."""
+    try:
+        pairs = list(dict(pairs).items())
+    except (TypeError, ValueError):
+        return {}, [f"search: dims must be (name, dimension) pairs, got {_show(pairs)}"]
+    problems, dims = [], {}
+    for name, dim in pairs:
+        path = f"search.{name}"
+        if name not in DIMENSIONS:
+            problems.append(f"{path}: unknown dimension; allowed: {', '.join(DIMENSIONS)}")
+        elif not isinstance(dim, (Fixed, Choice, Range)):
+            problems.append(f"{path}: must be a Fixed, Choice or Range, got {_show(dim)}")
+        else:
+            parsed = _dim(name, _raw(dim), path, problems)
+            if parsed is not None and type(parsed) is not type(dim):  # e.g. Fixed([1, 2])
+                problems.append(f"{path}: {_show(dim)} must be a {type(parsed).__name__}")
+            elif parsed is not None:
+                dims[name] = parsed
+    return dims, problems + _gate_problems(dims, {n for n, _ in pairs})
+
+
+def _relative(line: str) -> tuple[str, str]:
+    """``search.prune.sparsity: msg`` as (``prune.sparsity``, msg): the space's own problems, below its path."""
+    head, _, msg = line.partition(": ")
+    return head.removeprefix("search").lstrip("."), msg
+
+
+def _schema(rule: _Rule, description: str) -> dict:
+    scalar = {"type": {int: "integer", float: "number", str: "string"}[rule.type]}
+    forms = [scalar, {"type": "array", "items": scalar, "minItems": 1}]
+    if rule.ranged:
+        forms.append({"type": "object", "additionalProperties": False, "required": ["low", "high"],
+                      "properties": {"low": scalar, "high": scalar, "log": {"type": "boolean", "default": False},
+                                     "step": scalar}})
+    return {"anyOf": forms, "description": f"{description}: {rule.allowed}" if description else rule.allowed}
+
+
+class SearchSpace(Frozen):
+    """The searched dimensions: ``dims`` pairs a flat name (``"prune.sparsity"``) with its dimension, in
+    sampling order. Built from the YAML form (``SearchSpace.model_validate({"prune": {...}})``) or from
+    ``dims``; ``model_dump(mode="json")`` gives the YAML form back."""
+
+    _prefix: ClassVar[str] = "search"
+    _error: ClassVar[type] = SpecError
 
     dims: tuple[tuple[str, Fixed | Choice | Range], ...] = ()
 
-    def __post_init__(self):
-        try:
-            pairs = list(dict(self.dims).items())
-        except (TypeError, ValueError):
-            raise SpecError([f"search: dims must be (name, dimension) pairs, got {_show(self.dims)}"]) from None
-        problems, dims = [], {}
-        for name, dim in pairs:
-            path = f"search.{name}"
-            if name not in DIMENSIONS:
-                problems.append(f"{path}: unknown dimension; allowed: {', '.join(DIMENSIONS)}")
-            elif not isinstance(dim, (Fixed, Choice, Range)):
-                problems.append(f"{path}: must be a Fixed, Choice or Range, got {_show(dim)}")
-            else:
-                parsed = _dim(name, _raw(dim), path, problems)
-                if parsed is not None and type(parsed) is not type(dim):  # e.g. Fixed([1, 2])
-                    problems.append(f"{path}: {_show(dim)} must be a {type(parsed).__name__}")
-                elif parsed is not None:
-                    dims[name] = parsed
-        problems += _gate_problems(dims, {n for n, _ in pairs})
-        if problems:
-            raise SpecError(problems)
-        object.__setattr__(self, "dims", tuple((n, dims[n]) for n in DIMENSIONS if n in dims))
-
-    def get(self, name: str):
-        """The dimension called ``name`` (``"prune.sparsity"``), or ``None`` if it is not searched."""
-        return dict(self.dims).get(name)
-
+    @model_validator(mode="before")
     @classmethod
-    def from_dict(cls, d) -> "SearchSpace":
-        """Parse the ``search:`` YAML section; raises SpecError listing every problem."""
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise SpecError([f"search: must be a mapping of sections ({', '.join(SECTIONS)}), got {_show(d)}"])
-        problems, dims, given = [], {}, set()
-        for section in sorted(d, key=str):
-            body = d[section]
-            if section not in SECTIONS:
-                problems.append(f"search.{section}: unknown section; allowed: {', '.join(SECTIONS)}")
-                continue
-            if body is None:  # a YAML section with every knob commented out
-                continue
-            if not isinstance(body, dict):
-                problems.append(f"search.{section}: must be a mapping of {', '.join(SECTIONS[section])}, "
-                                f"got {_show(body)}")
-                continue
-            for key in sorted(body, key=str):
-                if key not in SECTIONS[section]:
-                    problems.append(f"search.{section}.{key}: unknown key; allowed: "
-                                    f"{', '.join(SECTIONS[section])}")
-                    continue
-                name = f"{section}.{key}"
-                given.add(name)
-                dim = _dim(name, body[key], f"search.{name}", problems)
-                if dim is not None:
-                    dims[name] = dim
-        problems += _gate_problems(dims, given)
+    def _from_yaml(cls, data):
+        if isinstance(data, SearchSpace):
+            return data
+        if isinstance(data, dict) and set(data) == {"dims"}:
+            dims, problems = _check_dims(data["dims"])
+        else:
+            dims, problems = _parse(data)
         if problems:
-            raise SpecError(problems)
-        return cls(tuple(dims.items()))
+            raise Problems(*map(_relative, problems))
+        return {"dims": tuple((n, dims[n]) for n in DIMENSIONS if n in dims)}
 
-    def to_dict(self) -> dict:
-        """The YAML/JSON form; ``from_dict(to_dict())`` gives an equal space."""
+    @model_serializer
+    def _to_yaml(self) -> dict:
         out: dict = {}
         for name, dim in self.dims:
             section, key = name.split(".")
             out.setdefault(section, {})[key] = _raw(dim)
         return out
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler) -> dict:
+        # the YAML form, with each knob's type and bounds as its config model declares them
+        sections = {}
+        for section, keys in SECTIONS.items():
+            props = {}
+            for key in keys:
+                models = _MODELS[section]
+                field = next((m.model_fields[key] for m in models if key in m.model_fields), None)
+                props[key] = _schema(DIMENSIONS[f"{section}.{key}"], (field.description or "") if field else "")
+            sections[section] = {"type": "object", "additionalProperties": False, "properties": props}
+        return {"type": "object", "title": "SearchSpace", "additionalProperties": False, "properties": sections,
+                "description": "Each knob: one value, a list of choices, or a range {low, high, log, step}."}
 
-# --------------------------------------------------------------------------- Ray Tune
+    def get(self, name: str):
+        """The dimension called ``name`` (``"prune.sparsity"``), or ``None`` if it is not searched."""
+        return dict(self.dims).get(name)
 
-def _gate(space: SearchSpace, name: str):
-    """``(parent, on)`` when ``name``'s parent can switch it off in this space, else ``None``."""
-    if name not in GATES:
-        return None
-    parent, on = GATES[name]
-    return None if set(_options(space.get(parent))) <= on else (parent, on)
-
-
-def _grid(rule: _Rule, dim: Range) -> list:
-    if rule.type is int:
-        return list(range(dim.low, dim.high + 1, dim.step))
-    points = round((dim.high - dim.low) / dim.step)
-    # 12 significant digits keep 0.1 + 2 * 0.1 from printing as 0.30000000000000004
-    return [float(f"{dim.low + k * dim.step:.12g}") for k in range(points + 1)]
-
-
-def _domain(tune, rule: _Rule, dim):
-    if isinstance(dim, Choice):
-        return tune.choice(list(dim.values))
-    if rule.type is int:
-        if dim.step not in (None, 1):
-            # qrandint draws multiples of step, the same set as Optuna's low + k*step only if low is one
-            if dim.low % dim.step == 0:
-                return tune.qrandint(dim.low, dim.high, dim.step)
-            return tune.choice(_grid(rule, dim))
-        return (tune.lograndint if dim.log else tune.randint)(dim.low, dim.high + 1)  # Tune's high is exclusive
-    if dim.step is not None:
-        return tune.choice(_grid(rule, dim))
-    return (tune.loguniform if dim.log else tune.uniform)(dim.low, dim.high)
-
-
-def _lookup(spec, key: str):
-    """``key``'s value in the config Tune is resolving; raises Tune's retry error while it is unresolved."""
-    from ray.tune.search.sample import Domain
-    from ray.tune.search.variant_generator import RecursiveDependencyError
-
-    config = spec
-    # Tune hands over {"config": {...}} (sometimes wrapped twice); a bare param_space works too
-    while key not in config and isinstance(config.get("config"), dict):
-        config = config["config"]
-    value = config.get(key)
-    if isinstance(value, Domain) or (isinstance(value, dict) and "grid_search" in value):
-        raise RecursiveDependencyError(f"{key} is not sampled yet")
-    return value
-
-
-@dataclass(frozen=True)
-class _Gated:
-    """A ``tune.sample_from`` body: draw from ``domain`` when ``parent`` is on, else ``None``.
-
-    Tune does not pass its seeded ``random_state`` to ``sample_from``, so gated knobs draw from
-    NumPy's global generator: a seeded random search repeats everything but these.
-    """
-
-    parent: str
-    on: frozenset
-    domain: object
-
-    def __call__(self, spec):
-        return self.domain.sample() if _lookup(spec, self.parent) in self.on else None
-
-
-def build(space: SearchSpace, *, grid: bool = False) -> dict:
-    """A Ray Tune ``param_space`` with flat keys (``"prune.sparsity"``).
-
-    A gated knob (sparsity when ``prune.kind`` may be none) becomes a ``tune.sample_from`` that
-    yields ``None`` when its parent is off. ``grid=True`` turns ungated choices into
-    ``tune.grid_search`` (see :func:`search.algorithms.param_space_for`).
-    """
-    from ray import tune
-
-    out = {}
-    for name, dim in space.dims:
-        gate = _gate(space, name)
-        if isinstance(dim, Fixed):
-            out[name] = dim.value
-        elif grid and gate is None and isinstance(dim, Choice):
-            out[name] = tune.grid_search(list(dim.values))
-        else:
-            domain = _domain(tune, DIMENSIONS[name], dim)
-            out[name] = tune.sample_from(_Gated(gate[0], gate[1], domain)) if gate else domain
-    return out
-
-
-# --------------------------------------------------------------------------- Optuna
-
-@dataclass(frozen=True)
-class _OptunaSpace:
-    """Define-by-run space for ``OptunaSearch(space=...)``; a class, not a closure, so Tune can pickle it."""
-
-    space: SearchSpace
-
-    def __call__(self, trial) -> dict:
-        chosen, fixed = {}, {}
-        for name, dim in self.space.dims:
-            parent, on = GATES.get(name, (None, None))
-            if parent in chosen and chosen[parent] not in on:
-                continue  # never suggested, so the sampler does not model a knob the trial ignores
-            rule = DIMENSIONS[name]
-            if isinstance(dim, Fixed):
-                value = fixed[name] = dim.value
-            elif isinstance(dim, Choice):
-                value = trial.suggest_categorical(name, list(dim.values))
-            elif rule.type is int:
-                value = trial.suggest_int(name, dim.low, dim.high, step=dim.step or 1, log=dim.log)
-            else:
-                value = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
-            chosen[name] = value
-        return fixed
-
-
-def optuna_space(space: SearchSpace) -> Callable:
-    """``fn(trial) -> dict`` that suggests the searched knobs (gated ones only when their parent is on)
-    and returns the fixed ones, for ``ray.tune.search.optuna.OptunaSearch(space=fn)``."""
-    return _OptunaSpace(space)
-
-
-# --------------------------------------------------------------------------- trial config
-
-def to_trial_config(flat_params: dict) -> dict:
-    """Tune's flat sampled config as the nested trial-config dict.
-
-    Gated knobs whose parent is off are dropped (no ``prune.sparsity`` when ``prune.kind`` is none),
-    as is ``lowrank`` when its ratio is 0; sections left empty are omitted.
-    """
-    if not isinstance(flat_params, dict):
-        raise ConfigError(f"trial params: must be a flat mapping like {{'prune.kind': 'heads'}}, "
-                          f"got {_show(flat_params)}")
-    unknown = sorted((str(k) for k in flat_params if k not in DIMENSIONS))
-    if unknown:
-        raise ConfigError(f"trial params: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(DIMENSIONS)}")
-    out: dict = {}
-    for name in DIMENSIONS:
-        if name not in flat_params:
-            continue
-        parent, on = GATES.get(name, (None, None))
-        if parent is not None and flat_params.get(parent) not in on:
-            continue
-        value = flat_params[name]
-        if name == "lowrank.ratio" and value == DIMENSIONS[name].off:
-            continue
-        if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-            value = value.item()  # a NumPy scalar from a sampler: keep the config JSON-ready
-        section, key = name.split(".")
-        out.setdefault(section, {})[key] = value
-    return out
+    def options(self, name: str) -> tuple:
+        """The values a categorical dimension can take (``()`` when it is not searched)."""
+        dim = self.get(name)
+        return () if dim is None else _options(dim)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search.space import (DIMENSIONS, SECTIONS, Choice, Fixed, Range, SearchSpace, build, optuna_space,
-                          to_trial_config)
+from search.adapters import build, optuna_space, to_trial_config, trial_config
+from search.space import DIMENSIONS, SECTIONS, Choice, Fixed, Range, SearchSpace
 from common.errors import ConfigError, SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ EVERY_DIMENSION = {
 
 def problems_of(d) -> list[str]:
     with pytest.raises(SpecError) as info:
-        SearchSpace.from_dict(d)
+        SearchSpace.model_validate(d)
     return info.value.problems
 
 
@@ -60,7 +60,7 @@ def test_import_search_loads_no_ray_optuna_or_torch():
 # --------------------------------------------------------------------------- parsing
 
 def test_example_parses_into_typed_dimensions():
-    space = SearchSpace.from_dict(EXAMPLE)
+    space = SearchSpace.model_validate(EXAMPLE)
     assert space.get("student.layers") == Choice((2, 3, 4))
     assert space.get("student.hidden") == Range(64, 256, False, 64)
     assert space.get("prune.sparsity") == Range(0.2, 0.7)
@@ -76,30 +76,30 @@ def test_example_parses_into_typed_dimensions():
 
 @pytest.mark.parametrize("d", [EXAMPLE, EVERY_DIMENSION, {}, {"prune": None}])
 def test_json_round_trip(d):
-    space = SearchSpace.from_dict(d)
-    again = SearchSpace.from_dict(json.loads(json.dumps(space.to_dict())))
+    space = SearchSpace.model_validate(d)
+    again = SearchSpace.model_validate(json.loads(json.dumps(space.model_dump(mode="json"))))
     assert again == space
-    assert again.to_dict() == space.to_dict()
+    assert again.model_dump(mode="json") == space.model_dump(mode="json")
 
 
 def test_every_dimension_is_reachable_from_yaml():
-    space = SearchSpace.from_dict(EVERY_DIMENSION)
+    space = SearchSpace.model_validate(EVERY_DIMENSION)
     assert [n for n, _ in space.dims] == list(DIMENSIONS)
 
 
 def test_direct_construction_validates_too():
-    assert SearchSpace({"prune.kind": Fixed("heads"), "prune.sparsity": Fixed(0.5)}).get("prune.sparsity") == \
+    assert SearchSpace(dims={"prune.kind": Fixed("heads"), "prune.sparsity": Fixed(0.5)}).get("prune.sparsity") == \
         Fixed(0.5)
     with pytest.raises(SpecError, match=r"search\.prune\.sparsity: must be a number in \[0, 1\), got 2\.0"):
-        SearchSpace({"prune.kind": Fixed("heads"), "prune.sparsity": Fixed(2.0)})
+        SearchSpace(dims={"prune.kind": Fixed("heads"), "prune.sparsity": Fixed(2.0)})
     with pytest.raises(SpecError, match="search.student.layers: .* must be a Choice"):
-        SearchSpace({"student.layers": Fixed([1, 2])})
+        SearchSpace(dims={"student.layers": Fixed([1, 2])})
     with pytest.raises(SpecError, match="search.student.layers: .* must be a Fixed"):
-        SearchSpace({"student.layers": Choice(5)})
+        SearchSpace(dims={"student.layers": Choice(5)})
     with pytest.raises(SpecError, match="search.student.layers.log: must be true or false"):
-        SearchSpace({"student.layers": Range(1, 4, log="no")})
+        SearchSpace(dims={"student.layers": Range(1, 4, log="no")})
     with pytest.raises(SpecError, match="search.student.depth: unknown dimension"):
-        SearchSpace({"student.depth": Fixed(2)})
+        SearchSpace(dims={"student.depth": Fixed(2)})
 
 
 def test_sparsity_high_names_the_full_path_and_what_is_allowed():
@@ -109,7 +109,7 @@ def test_sparsity_high_names_the_full_path_and_what_is_allowed():
 
 def test_all_problems_are_collected():
     with pytest.raises(SpecError) as info:
-        SearchSpace.from_dict({
+        SearchSpace.model_validate({
             "student": {"layers": "three", "depth": 2},
             "prune": {"kind": ["none", "random"], "sparsity": {"low": 0.5, "high": 0.2}},
             "quant": {"mode": {"low": 1, "high": 2}},
@@ -192,11 +192,11 @@ _GOODISH = st.fixed_dictionaries({}, optional={
 @given(_GOODISH | _NEAR | st.dictionaries(st.sampled_from([*SECTIONS, "junk"]), _JUNK, max_size=6) | _JUNK)
 def test_junk_is_a_spec_error_or_a_space_that_round_trips(d):
     try:
-        space = SearchSpace.from_dict(d)
+        space = SearchSpace.model_validate(d)
     except SpecError as err:
         assert err.problems and all(p.startswith("search") for p in err.problems)
         return
-    assert SearchSpace.from_dict(json.loads(json.dumps(space.to_dict()))) == space
+    assert SearchSpace.model_validate(json.loads(json.dumps(space.model_dump(mode="json")))) == space
 
 
 # --------------------------------------------------------------------------- Tune param_space
@@ -211,7 +211,7 @@ def _tune_samples(param_space: dict, n: int) -> list[dict]:
 
 
 def test_build_gates_sparsity_and_group_size_in_random_search():
-    space = SearchSpace.from_dict(EXAMPLE)
+    space = SearchSpace.model_validate(EXAMPLE)
     samples = _tune_samples(build(space), 300)
     kinds = {s["prune.kind"] for s in samples}
     assert kinds == {"none", "unstructured", "heads"}
@@ -249,7 +249,7 @@ def test_every_sample_lies_in_the_space(d):
     import optuna
 
     try:
-        space = SearchSpace.from_dict(d)
+        space = SearchSpace.model_validate(d)
     except SpecError:
         return
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -267,14 +267,14 @@ def test_every_sample_lies_in_the_space(d):
 def test_build_leaves_knobs_plain_when_the_parent_is_always_on():
     from ray.tune.search.sample import Float, Function
 
-    space = SearchSpace.from_dict({"prune": {"kind": ["heads", "ffn"], "sparsity": {"low": 0.1, "high": 0.5}}})
+    space = SearchSpace.model_validate({"prune": {"kind": ["heads", "ffn"], "sparsity": {"low": 0.1, "high": 0.5}}})
     assert isinstance(build(space)["prune.sparsity"], Float)
-    gated = SearchSpace.from_dict({"prune": {"kind": ["none", "ffn"], "sparsity": {"low": 0.1, "high": 0.5}}})
+    gated = SearchSpace.model_validate({"prune": {"kind": ["none", "ffn"], "sparsity": {"low": 0.1, "high": 0.5}}})
     assert isinstance(build(gated)["prune.sparsity"], Function)
 
 
 def test_integer_ranges_include_high_and_stepped_ranges_draw_optunas_grid():
-    space = SearchSpace.from_dict({"student": {"layers": {"low": 1, "high": 5, "step": 2},
+    space = SearchSpace.model_validate({"student": {"layers": {"low": 1, "high": 5, "step": 2},
                                                "hidden": {"low": 64, "high": 192, "step": 64},
                                                "ffn": {"low": 1, "high": 3},
                                                "heads": {"low": 1, "high": 4, "log": True}},
@@ -288,7 +288,7 @@ def test_integer_ranges_include_high_and_stepped_ranges_draw_optunas_grid():
 
 
 def test_grid_enumerates_ungated_choices_only():
-    space = SearchSpace.from_dict(EXAMPLE)
+    space = SearchSpace.model_validate(EXAMPLE)
     grid = _tune_samples(build(space, grid=True), 1)
     # layers 3 x kind 3 x mode 3 x lowrank 2, once each; importance / group_size are drawn per point
     assert len(grid) == 54
@@ -297,7 +297,7 @@ def test_grid_enumerates_ungated_choices_only():
 
 
 def test_param_space_and_optuna_space_pickle():
-    space = SearchSpace.from_dict(EXAMPLE)
+    space = SearchSpace.model_validate(EXAMPLE)
     fn = pickle.loads(pickle.dumps(optuna_space(space)))
     assert fn.space == space
     again = pickle.loads(pickle.dumps(build(space)))
@@ -313,7 +313,7 @@ def test_optuna_space_only_suggests_sparsity_when_pruning(sampler_name):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=getattr(optuna.samplers, sampler_name)(seed=3))
-    fn = optuna_space(SearchSpace.from_dict(EXAMPLE))
+    fn = optuna_space(SearchSpace.model_validate(EXAMPLE))
     kinds = set()
     for i in range(40):
         trial = study.ask()
@@ -361,8 +361,8 @@ def test_sampled_trial_configs_are_valid_worker_configs():
     d["prune"] = {"kind": ["none", "unstructured", "heads", "ffn"], "sparsity": {"low": 0.1, "high": 0.9},
                   "importance": ["gradient", "magnitude"]}
     seen = set()
-    for flat in _tune_samples(build(SearchSpace.from_dict(d)), 80):
-        trial = TrialConfig.from_dict(to_trial_config(flat))  # unstructured + importance would be refused
+    for flat in _tune_samples(build(SearchSpace.model_validate(d)), 80):
+        trial = TrialConfig.model_validate(to_trial_config(flat))  # unstructured + importance would be refused
         seen.add(type(trial.prune))
         if trial.prune is not None:
             assert math.isclose(trial.prune.sparsity, flat["prune.sparsity"])
@@ -373,6 +373,50 @@ def test_embedding_bits_reach_every_quant_mode_config():
     from workers.configs import TrialConfig
 
     for mode in ("dynamic", "static", "qat", "int4", "mixed"):
-        trial = TrialConfig.from_dict(to_trial_config({"quant.mode": mode, "quant.embedding_bits": 4}))
+        trial = TrialConfig.model_validate(to_trial_config({"quant.mode": mode, "quant.embedding_bits": 4}))
         assert trial.quant.embedding_bits == 4
     assert "search.quant.embedding_bits[1]: must be one of 4|8, got 2" in problems_of({"quant": {"embedding_bits": [4, 2]}})[0]
+
+
+def test_bounds_are_the_config_models_own():
+    """A value is searchable exactly when the trial config accepts it: one definition per bound."""
+    from search.space import GATES
+    from workers.configs import TrialConfig
+
+    probes = (-1, 0, 1e-9, 0.5, 0.999, 1, 1.5, 2, 4, 8, 16, 48, 64, 50, 51, 10 ** 6, 10 ** 6 + 1,
+              "uniform", "top", "gradient", "magnitude", "heads", "int4", "x")
+    for name, rule in DIMENSIONS.items():
+        section, key = name.split(".")
+        if key in ("kind", "mode"):
+            continue
+        tag = {}
+        if name in GATES:
+            parent, on = GATES[name]
+            tag = {parent.split(".")[1]: sorted(on)[0]}
+        for v in probes:
+            if not isinstance(v, rule.type if rule.type is not float else (int, float)) or v == rule.off:
+                continue
+            try:
+                TrialConfig.model_validate({section: {**tag, key: v}})
+                accepted = True
+            except ConfigError:
+                accepted = False
+            assert rule.ok(v) == accepted, (name, v)
+
+
+def test_trial_config_puts_the_sampled_point_on_the_job_defaults():
+    from workers.configs import DistillConfig, HeadPrune, TrainConfig, TrialConfig
+
+    base = TrialConfig(train=TrainConfig(batch_size=8, lr=1e-3), distill=DistillConfig(alpha=0.5))
+    cfg = trial_config({"prune.kind": "heads", "prune.sparsity": 0.25, "train.lr": 3e-4, "lowrank.ratio": 0.0}, base)
+    assert cfg.prune == HeadPrune(sparsity=0.25) and cfg.lowrank is None
+    assert cfg.train == TrainConfig(batch_size=8, lr=3e-4) and cfg.distill.alpha == 0.5
+    with pytest.raises(ConfigError, match="student.hidden: must be divisible"):
+        trial_config({"student.hidden": 10, "student.heads": 3}, base)
+
+
+def test_json_schema_reads_the_bounds_from_the_configs():
+    schema = SearchSpace.model_json_schema()
+    sparsity = schema["properties"]["prune"]["properties"]["sparsity"]
+    assert "a number in [0, 1)" in sparsity["description"]
+    assert set(schema["properties"]) == set(SECTIONS)
