@@ -1,7 +1,7 @@
 """The Tune trial function: one recipe (workers.trial.run), two launchers.
 
 - in-process (default, single-worker CPU trials): the recipe runs inside the Tune trial actor; ~2–5 s of
-  fixed cost per trial (STACK.md).
+  fixed cost per trial (docs/architecture.md, "Stack facts").
 - Ray Train ``TorchTrainer`` (``resources.workers > 1`` or GPUs): the recipe runs on every train worker with
   DeepSpeed on Train's process group (real data parallelism); rank 0 saves and measures; ~15–25 s fixed cost.
 
