@@ -1,4 +1,4 @@
-"""submit / resume / cancel a search job: the spine of DESIGN.md, wired together.
+"""submit / resume / cancel a search job: the spine of docs/architecture.md, wired together.
 
     submit(spec) → Job row → Ray (embedded or --address) → teacher prepared once (a Ray task) → its data and
     logits put in the object store → Tuner(run_trial, searcher, ASHA, Recorder) → Pareto front → Job finished
@@ -32,7 +32,7 @@ def _artifact_root(spec: JobSpec, job_id: str) -> Path:
 
 def connect_ray(address: str | None = None, *, dashboard: bool = False, num_cpus: int | None = None) -> None:
     """Join ``address`` (or RAY_ADDRESS) when given, else start the embedded local Ray on loopback."""
-    # read by Ray at import time: keeps every node on 127.0.0.1 (STACK.md)
+    # read by Ray at import time: keeps every node on 127.0.0.1 (docs/architecture.md)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -84,7 +84,7 @@ def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, r
         param_space=param_space_for(spec.search, spec.algorithm),
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=spec.budget.num_trials,
                                     time_budget_s=spec.budget.time_budget_s,
-                                    # a new actor per trial costs ~2 s (STACK.md); reused actors keep their one
+                                    # a new actor per trial costs ~2 s (docs/architecture.md); reused actors keep their one
                                     # DeepSpeed process group alive (distill.ensure_process_group)
                                     reuse_actors=not spec.resources.distributed),
         run_config=tune.RunConfig(

@@ -23,7 +23,7 @@ from common.errors import DataError
 
 __all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout"]
 
-# Local layouts of the GLUE tasks as GLUE ships them (and ../shared/assets holds them).
+# Local layouts of the GLUE tasks as GLUE ships them (docs/operations.md shows where they go).
 _GLUE = {
     "glue/sst2": {"dir": "glue/SST-2", "text_columns": ("sentence",), "label_column": "label", "metric": "accuracy",
                   "eval_split": "dev", "hub": ("glue", "sst2"), "hub_eval": "validation"},
@@ -267,4 +267,3 @@ def encode(split: Split, tokenizer, max_length: int) -> Encoded:
         if "token_type_ids" in enc:
             tt[i, : len(row)] = enc["token_type_ids"][i]
     return Encoded(ids, tt, lengths, split.labels.copy())
-

@@ -43,7 +43,7 @@ class TrialContext:
 
 
 def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
-    """Run the recipe for ``cfg``; returns the trial result (see DESIGN.md: metric, size_bytes, latency...)."""
+    """Run the recipe for ``cfg``; returns the trial result (its keys: docs/architecture.md)."""
     from workers import artifacts
     from workers.distill import distill
     from workers.evaluate import measure, predict_logits, task_metrics
