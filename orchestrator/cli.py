@@ -5,7 +5,6 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
 import threading
 import traceback
@@ -114,15 +113,21 @@ def _progress_table(store, job_id: str):
     counts = job.get("trial_counts", {})
     best = [t for t in trials if t.get("metric") is not None and t["status"] == "terminated"]
     best.sort(key=lambda t: (-(t["metric"] or 0), t.get("size_bytes") or 0))
+    from rich.console import Group
+    from rich.text import Text
+
     stage = _stage_line(job)
-    title = (f"{job_id}: {job['status']}" + (f" · {stage}" if stage else "") +
-             f"\ntrials: done {counts.get('terminated', 0)} · running {counts.get('running', 0)} · "
-             f"stopped early {counts.get('stopped_early', 0)} · failed {counts.get('error', 0)}")
+    lines = [f"{job_id}: {job['status']}" + (f" · {stage}" if stage else ""),
+             f"trials: done {counts.get('terminated', 0)} · running {counts.get('running', 0)} · "
+             f"stopped early {counts.get('stopped_early', 0)} · failed {counts.get('error', 0)}"]
     columns = [Column("trial_id", "trial_id", "trial", 9), Column("metric", "metric", "metric", 8, True),
                Column("metric_drop", "metric_drop", "drop", 7, True), Column("size_bytes", "size", "size", 6, True),
                Column("latency_ms_b1", "latency_ms_b1", "b1 ms", 5, True)]
     rows = [{c.key: _fmt(t.get(c.key), c.key) for c in columns} for t in best[:5]]
-    return fit_table(title, columns, rows, width=console.width)
+    parts = [Text(line) for line in lines]
+    if rows:
+        parts.append(fit_table("best so far", columns, rows, width=console.width))
+    return Group(*parts)
 
 
 def _follow(db_url: str, job_id: str, stop: threading.Event) -> None:
@@ -156,7 +161,7 @@ def _submit_and_follow(spec: Path, address: Optional[str], job_id: Optional[str]
         watcher = threading.Thread(target=_follow, args=(store.url, jid, stop), daemon=True)
         watcher.start()
     try:
-        do_submit(spec, address=address, job_id=jid, store=store)
+        do_submit(parsed, address=address, job_id=jid, store=store)
     finally:
         stop.set()
         if watcher:
@@ -179,8 +184,9 @@ def submit(spec: Path = typer.Argument(..., help="job spec YAML"),
     """Run a search job; shows trials done/running/failed and the best so far."""
     if detach:
         from orchestrator.jobs import submit as do_submit
+        from orchestrator.spec import load
 
-        jid = do_submit(spec, address=address, job_id=job_id, detach=True)
+        jid = do_submit(load(spec), address=address, job_id=job_id, detach=True)
         console.print(f"submitted {jid} to the cluster; follow it with `slimray status {jid}`")
         return
     _submit_and_follow(spec, address, job_id, quiet)
@@ -285,37 +291,35 @@ def cancel(job: str):
 @_guard
 def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the demo job spec"),
          max_drop: Optional[float] = typer.Option(None, help="promotion's metric-drop cap (default: the spec's)")):
-    """The whole loop on the embedded defaults: teacher → search → store → promote → a real request."""
-    import urllib.request
+    """The whole loop on the embedded defaults: teacher → search → store → promote → a real request.
 
+    The search runs on an embedded Ray that ends with it; the endpoint runs on the local slimray Ray head,
+    which outlives the demo (`slimray predict`, `slimray serve status`, `slimray serve stop`)."""
+    from common.client import predict as ask
     from common.paths import home, open_store
-    from orchestrator.promote import PromoteConstraints, promote as do_promote
+    from common.raylink import disconnect
+    from orchestrator.promote import promote as do_promote
     from orchestrator.report import describe_config, markdown, plot_front
+    from orchestrator.spec import from_stored
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     jid = _submit_and_follow(spec, None, None, False)
     store = open_store()
     plot = plot_front(store, jid, home() / "reports" / f"{jid}-pareto.png")
     job = store.get_job(jid)
-    constraints = PromoteConstraints.from_spec(job["spec"], **({"max_metric_drop": max_drop} if max_drop else {}))
+    constraints = from_stored(job["spec"]).constraints.override(max_metric_drop=max_drop)
+    disconnect()  # the search's Ray ends here; the endpoint goes to the local head, which outlives the demo
     try:
-        done = do_promote(jid, constraints, store=store)
+        done = do_promote(jid, constraints, store=store, detached=True)
     except SlimrayError as err:  # nothing met the bar: serve the front's most accurate model, and say so
         console.print(f"[yellow]{err}[/yellow]")
         best = max((t for t in store.trials(jid) if t["on_front"]), key=lambda t: t["metric"] or 0)
-        done = do_promote(jid, trial=best["trial_id"], store=store)
+        done = do_promote(jid, trial=best["trial_id"], store=store, detached=True)
     promoted_cfg = next(t["config"] for t in store.trials(jid) if t["trial_id"] == done["trial_id"])
     console.print(f"promoted trial {done['trial_id']} (metric {done['metric']:.2f}, drop {done['metric_drop']:.2f}, "
                   f"{done['size_bytes'] / 1e6:.2f} MB, {done['latency_ms_b1']:.2f} ms) at {done['endpoint']}")
     texts = ["a gorgeous, witty, seductive movie.", "the plot is a dull, lifeless mess."]
-    req = urllib.request.Request(done["endpoint"].rstrip("/") + "/v1/predict",
-                                 data=json.dumps({"inputs": texts}).encode(),
-                                 headers={"Content-Type": "application/json", **(
-                                     {"Authorization": f"Bearer {os.environ['SLIMRAY_API_TOKEN']}"}
-                                     if os.environ.get("SLIMRAY_API_TOKEN") else {})})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(req, timeout=60) as resp:
-        answer = json.loads(resp.read())
+    answer = ask(done["endpoint"], texts, timeout=60)
     lines = [f"# slimray demo: job {jid}", "",
              f"Promoted trial `{done['trial_id']}` ({describe_config(promoted_cfg)}): metric {done['metric']:.2f} "
              f"(drop {done['metric_drop']:.2f}), {done['size_bytes'] / 1e6:.2f} MB, {done['latency_ms_b1']:.2f} ms at "
@@ -327,7 +331,8 @@ def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the de
     report.write_text("\n".join(lines) + "\n\n" + markdown(store, jid, promoted=done["trial_id"]) +
                       f"\n![Pareto front]({plot.name})\n")
     console.print(f"report: {report}\nPareto plot: {plot}\nresults: `slimray results {jid}`; "
-                  f"store: {store.url_for_display}")
+                  f"store: {store.url_for_display}\nthe endpoint keeps serving: `slimray predict \"some text\"`; "
+                  f"`slimray serve stop` ends it")
 
 
 @app.command()
@@ -348,13 +353,14 @@ def promote(job: str,
     Without --address/RAY_ADDRESS the endpoint runs on a local Ray head started for slimray (kept running after
     this command; `slimray serve stop` removes the app)."""
     from common.paths import open_store
-    from orchestrator.promote import PromoteConstraints, promote as do_promote
+    from orchestrator.promote import promote as do_promote
+    from orchestrator.spec import from_stored
 
     store = open_store()
     constraints = None
     if trial is None:
-        constraints = PromoteConstraints.from_spec(store.get_job(job).get("spec"), max_metric_drop=max_drop,
-                                                   max_size_mb=max_size_mb, max_latency_ms=max_latency_ms)
+        constraints = from_stored(store.get_job(job)["spec"]).constraints.override(
+            max_metric_drop=max_drop, max_size_mb=max_size_mb, max_latency_ms=max_latency_ms)
     done = do_promote(job, constraints, trial=trial, store=store, port=port, route_prefix=route_prefix, name=name,
                       address=address, detached=True)
     table = Table(title=f"{job}: Pareto front, batch-1 latency re-measured")
@@ -369,72 +375,96 @@ def promote(job: str,
                   f"(deployment {done['deployment_id']}); try `slimray predict \"some text\"`")
 
 
+@app.command("export")
+@_guard
+def export_cmd(job: str,
+               trial: str = typer.Option(..., "--trial", help="the trial whose artifact to export"),
+               fmt: str = typer.Option("onnx", "--format", help="onnx"),
+               out: Optional[Path] = typer.Option(None, "--out", help="folder to write (default: beside the "
+                                                                      "artifact, <artifact>-onnx)"),
+               ptq: Optional[str] = typer.Option(None, "--ptq", help="ort-dynamic-int8: quantize an fp32 "
+                                                                     "artifact with ONNX Runtime's quantizer")):
+    """Export a trial's model to ONNX with its own quantization, checked against it on the job's dev split."""
+    from orchestrator.exporting import export_trial
+
+    report = export_trial(job, trial, fmt=fmt, out=out, ptq=ptq)
+    v = report.verification
+    console.print(f"exported trial {trial} of {job} to {report.out_dir} ({report.onnx['bytes'] / 1e6:.2f} MB, "
+                  f"{report.quantization['summary']}); agrees on {v['argmax_agreement']:.2%} of {v['rows']} dev "
+                  f"rows, max logit difference {v['max_abs_logit_diff']:.3g}", highlight=False)
+
+
 serve_app = typer.Typer(help="the Ray Serve endpoint", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 
 
-def _join_serving_ray(address: Optional[str]) -> bool:
-    """Join the Ray that serves (given, RAY_ADDRESS, or slimray's local head); False when there is none."""
-    import ray
-
-    from orchestrator.promote import local_head_address, loopback_env
-
-    if ray.is_initialized():
-        return True
-    target = address or os.environ.get("RAY_ADDRESS") or local_head_address()
-    if not target:
-        return False
-    loopback_env(local_head=not (address or os.environ.get("RAY_ADDRESS")))
-    ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
-    return True
+NO_RAY = "no Serve is running: no local slimray Ray head, and no --address or RAY_ADDRESS"
 
 
 @serve_app.command("status")
 @_guard
-def serve_status(as_json: bool = typer.Option(False, "--json"), address: Optional[str] = typer.Option(None)):
-    """The Serve applications and the live deployment recorded in the store."""
-    from deploy import serve as serving
+def serve_status(as_json: bool = typer.Option(False, "--json"),
+                 address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, "
+                                                                  "else the local slimray head)")):
+    """The Serve applications, and the live deployment recorded in the store, checked against its endpoint
+    (one that no longer answers is marked stopped)."""
     from common.paths import open_store
+    from common.raylink import find_serving_ray
+    from deploy import control
 
-    state = serving.status() if _join_serving_ray(address) else {"port": None, "applications": {}}
-    live = open_store().live_deployment()
+    ray_address = find_serving_ray(address)
+    state = control.status() if ray_address else {"port": None, "applications": {}, "proxies": {}}
+    live, ended = control.reconcile(open_store())
     if as_json:
-        typer.echo(json.dumps({"serve": state, "live_deployment": live}, indent=2, default=str))
+        typer.echo(json.dumps({"ray": ray_address, "serve": state, "live_deployment": None if ended else live,
+                               "marked_stopped": {**live, "why": ended} if ended else None}, indent=2, default=str))
         return
-    if not state["applications"]:
-        console.print("no Serve application is running")
+    if not ray_address:
+        console.print(NO_RAY, highlight=False)
+    elif not state["applications"]:
+        console.print(f"no Serve application is running on the Ray at {ray_address}", highlight=False)
     for app_name, a in state["applications"].items():
-        console.print(f"{app_name}: {a.get('status')} at route {a.get('route_prefix')} {a.get('message') or ''}")
-    if live:
+        console.print(f"{app_name}: {a.get('status')} at {a.get('endpoint') or a.get('route_prefix')} "
+                      f"{a.get('message') or ''}".rstrip(), highlight=False)
+    if ended:
+        console.print(f"the store listed job {live['job_id']}, trial {live['trial_id']} as live at "
+                      f"{live['endpoint']}, but {ended}: marked it stopped", highlight=False)
+    elif live:
         console.print(f"live: job {live['job_id']}, trial {live['trial_id']} at {live['endpoint']} "
-                      f"(since {live['created_at']}, by {live['who']})")
+                      f"(since {live['created_at']}, by {live['who']})", highlight=False)
 
 
 @serve_app.command("stop")
 @_guard
 def serve_stop(name: str = typer.Option("slimray", help="the application to remove"),
                all_apps: bool = typer.Option(False, "--all", help="shut Serve down altogether"),
-               address: Optional[str] = typer.Option(None)):
-    """Remove the endpoint (the local Ray head keeps running)."""
-    from deploy import serve as serving
+               address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, "
+                                                                "else the local slimray head)")):
+    """Remove the endpoint (the local Ray head keeps running). Exits 1 when nothing was serving."""
+    from common.paths import open_store
+    from common.raylink import find_serving_ray
+    from deploy import control
+
+    ray_address = find_serving_ray(address)
+    stopped = bool(ray_address) and control.stop(None if all_apps else name)
+    live, ended = control.reconcile(open_store())  # the live row ends once its endpoint stops answering
+    what = f"; the store's live deployment (job {live['job_id']}, trial {live['trial_id']}) is marked stopped" \
+        if ended else ""
+    if stopped:
+        console.print(f"stopped {'Serve' if all_apps else name} on the Ray at {ray_address}{what}", highlight=False)
+        return
+    why = NO_RAY if not ray_address else f"no Serve application {name!r} on the Ray at {ray_address}"
+    console.print(f"{why}; nothing to stop{what}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _endpoint(url: Optional[str]) -> str:
+    if url is not None:
+        return url
     from common.paths import open_store
 
-    if _join_serving_ray(address):
-        serving.stop(None if all_apps else name)
-    store = open_store()
-    live = store.live_deployment()
-    if live:
-        store.set_deployment_status(live["id"], "stopped")
-    console.print("stopped" + (f" ({live['job_id']} / {live['trial_id']})" if live else ""))
-
-
-def _predict_url(url: Optional[str]) -> str:
-    if url is None:
-        from common.paths import open_store
-
-        live = open_store().live_deployment()
-        url = live["endpoint"] if live else "http://127.0.0.1:8000"
-    return url.rstrip("/") + "/v1/predict"
+    live = open_store().live_deployment()
+    return live["endpoint"] if live else "http://127.0.0.1:8000"
 
 
 @app.command()
@@ -446,37 +476,38 @@ def predict(text: str = typer.Argument(..., help="the text to classify"),
             timeout: float = typer.Option(30.0, help="seconds"),
             as_json: bool = typer.Option(False, "--json", help="print the JSON answer")):
     """Send one text (or pair) to the endpoint; honours SLIMRAY_API_TOKEN."""
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+    from common.client import predict as ask
 
-    target = _predict_url(url)
-    body = json.dumps({"inputs": [[text, pair] if pair is not None else text]}).encode()
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("SLIMRAY_API_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['SLIMRAY_API_TOKEN']}"
-    request = urllib.request.Request(target, data=body, headers=headers, method="POST")
-    # a local endpoint is reached directly, whatever proxy the environment names for the outside world
-    loopback = urllib.parse.urlsplit(target).hostname in ("127.0.0.1", "localhost", "::1")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if loopback else \
-        urllib.request.build_opener()
-    try:
-        with opener.open(request, timeout=timeout) as resp:
-            answer = json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        try:
-            reason = json.loads(err.read()).get("error") or err.reason
-        except (ValueError, AttributeError):
-            reason = err.reason
-        raise SlimrayError(f"{target} answered {err.code}: {reason}") from None
-    except (urllib.error.URLError, OSError) as err:
-        raise SlimrayError(f"cannot reach {target} ({getattr(err, 'reason', err)}); is it up? "
-                           f"see `slimray serve status`") from None
+    answer = ask(_endpoint(url), [[text, pair] if pair is not None else text], timeout=timeout)
     if as_json:
         typer.echo(json.dumps(answer, indent=2))
         return
     p, model = answer["predictions"][0], answer.get("model", {})
-    typer.echo(f"label {p['label']} (score {p['score']:.3f})  (job {model.get('job')}, trial {model.get('trial')})")
+    typer.echo(f"{p['label']} (score {p['score']:.3f})  (job {model.get('job')}, trial {model.get('trial')})")
+
+
+spec_app = typer.Typer(help="the job spec", no_args_is_help=True)
+app.add_typer(spec_app, name="spec")
+
+
+@spec_app.command("schema")
+@_guard
+def spec_schema():
+    """Print the JSON Schema of a job spec (docs/configuration.md is generated from it)."""
+    from orchestrator.spec import JobSpec
+
+    typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
+@spec_app.command("check")
+@_guard
+def spec_check(spec: Path = typer.Argument(..., help="job spec YAML")):
+    """Validate a job spec without running it: every problem, one line each."""
+    from orchestrator.spec import load
+
+    parsed = load(spec)
+    console.print(f"{spec}: valid job spec {parsed.name!r} ({len(parsed.search.dims)} searched knobs, "
+                  f"{parsed.budget.num_trials} trials, objectives {', '.join(map(str, parsed.objectives))})")
 
 
 def main():  # pragma: no cover - console script entry
