@@ -1,8 +1,9 @@
 """Knowledge distillation: the losses and the training loop on the DeepSpeed engine.
 
 The loop also fine-tunes teachers (no teacher signal: plain cross-entropy) so there is one loop to trust.
-Data parallelism comes from the process group: each rank takes every world_size-th row of the shuffled order,
-and DeepSpeed averages the gradients.
+Batches come from ``workers.batching`` (length-grouped by default, so a batch is padded only to about its own
+rows' length); data parallelism comes from the process group: each rank takes its share of every batch, and
+DeepSpeed averages the gradients.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.batching import batches_per_epoch, epoch_batches, rank_share
 from workers.configs import DistillConfig, TrainConfig
 from workers.data import Encoded
 from common.ports import free_port
@@ -146,9 +148,8 @@ class DistillResult:
     world_size: int = 1  # data-parallel ranks that trained
 
 
-def _total_steps(n_rows: int, train: TrainConfig, world: int) -> int:
-    per_step = train.batch_size * train.grad_accum * world
-    steps = max(1, math.ceil(train.epochs * n_rows / per_step))
+def _total_steps(n_batches: int, train: TrainConfig) -> int:
+    steps = max(1, math.ceil(train.epochs * n_batches / train.grad_accum))
     return min(steps, train.max_steps) if train.max_steps else steps
 
 
@@ -184,7 +185,8 @@ def distill(student: nn.Module, data: Encoded, cfg: DistillConfig, train: TrainC
 
     module = _DistillModule(student, proj)
     module.train()
-    total = _total_steps(len(data), train, world)
+    n_batches = batches_per_epoch(len(data), train.batch_size, world)
+    total = _total_steps(n_batches, train)
     warmup = int(train.warmup_ratio * total)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=train.lr,
                             weight_decay=train.weight_decay)
@@ -201,15 +203,16 @@ def distill(student: nn.Module, data: Encoded, cfg: DistillConfig, train: TrainC
         _, state = engine.load_checkpoint(checkpoint_dir)
         step = int((state or {}).get("step", 0))
     start_step, t0, losses = step, time.perf_counter(), []
-    rows_per_epoch = len(data) // (train.batch_size * world) * train.batch_size * world or train.batch_size * world
+    group = getattr(train, "group_by_length", True)
     micro = step * train.grad_accum  # micro-batches done, so a resumed run continues the same data order
+    batches, batches_epoch = [], -1
     while step < total:
-        epoch, offset = divmod(micro * train.batch_size * world, rows_per_epoch)
-        order = np.random.default_rng(train.seed + epoch).permutation(len(data))
-        if len(order) < rows_per_epoch:  # tiny data sets: wrap around so a batch is always full
-            order = np.resize(order, rows_per_epoch)
-        idx = order[offset: offset + train.batch_size * world][rank::world]
-        batch = {k: v.to(device) for k, v in data.batch(idx).items()}
+        epoch, pos = divmod(micro, n_batches)
+        if epoch != batches_epoch:
+            batches, batches_epoch = epoch_batches(data.lengths, train.batch_size, world, train.seed, epoch,
+                                                   group_by_length=group), epoch
+        idx = rank_share(batches[pos], rank, world)
+        batch = {k: v.to(device) for k, v in data.batch(idx).items()}  # padded to this batch's longest row
         t_logits, t_out = None, None
         if teacher_logits is not None and cfg.alpha > 0:
             t_logits = torch.from_numpy(np.asarray(teacher_logits[idx], dtype=np.float32)).to(device)
