@@ -14,7 +14,8 @@ import numpy as np
 from search.objectives import DIRECTIONS, OBJECTIVES
 from common.errors import ConfigError
 
-__all__ = ["front", "nondominated_sort", "hypervolume", "violation", "pick", "closest"]
+__all__ = ["front", "nondominated_sort", "front_index", "crowding_distance", "ranks", "hypervolume", "violation",
+           "pick", "closest"]
 
 
 def _as_min(values, directions) -> np.ndarray:
@@ -69,6 +70,65 @@ def nondominated_sort(values, directions) -> list[list[int]]:
         done[current] = True
         dominators = dominators - dom[current].sum(0)
     return fronts
+
+
+def front_index(values, directions) -> list[int]:
+    """Per row, which front of :func:`nondominated_sort` it sits on (0: the Pareto front).
+
+    >>> front_index([[1, 5], [2, 2], [3, 3]], ["min", "min"])
+    [0, 0, 1]
+    """
+    out = [0] * len(_as_min(values, directions))
+    for k, members in enumerate(nondominated_sort(values, directions)):
+        for i in members:
+            out[i] = k
+    return out
+
+
+def crowding_distance(values, directions) -> list[float]:
+    """NSGA-II crowding distance of each row within the given rows (Deb et al. 2002): per objective, the gap
+    between its neighbours over that objective's range, summed; a row at either end of an objective gets inf.
+
+    Neighbours are the next *distinct* values, so tied rows get equal distances and the result depends only on
+    the set of rows, never on their order (the usual sort-based version hands the end slot to whichever tied
+    row sorts first). An objective on which every row is equal is skipped. Values must be finite.
+
+    >>> crowding_distance([[1, 4], [2, 2], [4, 1]], ["min", "min"])
+    [inf, 2.0, inf]
+    """
+    a = _as_min(values, directions)
+    if not np.isfinite(a).all():
+        raise ConfigError("values: crowding distance needs finite numbers; drop rows with inf first")
+    dist = np.zeros(len(a))
+    for col in a.T:
+        levels = np.unique(col)  # sorted, distinct
+        if len(levels) < 2:
+            continue
+        pos = np.searchsorted(levels, col)
+        ends = (pos == 0) | (pos == len(levels) - 1)
+        inner = ~ends
+        dist[inner] += (levels[pos[inner] + 1] - levels[pos[inner] - 1]) / (levels[-1] - levels[0])
+        dist[ends] = math.inf
+    return dist.tolist()
+
+
+def ranks(values, directions) -> list[int]:
+    """Each row's own rank among ``values`` (0 is best): fronts first, then larger crowding distance within a
+    front. A row's rank is the number of rows strictly ahead of it, so tied rows share a rank and the ranks do
+    not depend on the order of the rows.
+
+    >>> ranks([[3, 3], [1, 4], [2, 2], [4, 1]], ["min", "min"])
+    [3, 0, 2, 0]
+    """
+    fronts = front_index(values, directions)
+    a = _as_min(values, directions)
+    crowd = np.zeros(len(a))
+    for k in set(fronts):
+        members = [i for i, f in enumerate(fronts) if f == k]
+        crowd[members] = crowding_distance(a[members], ["min"] * a.shape[1])
+    f = np.asarray(fronts)
+    ahead = (f[None, :] < f[:, None]) | ((f[None, :] == f[:, None]) & (crowd[None, :] > crowd[:, None]))
+    return ahead.sum(1).tolist()
 
 
 def _hv2(a: np.ndarray, ref: np.ndarray) -> float:
