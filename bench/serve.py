@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench.common import CACHE, print_table, print_targets, setup_env, target, write
+from common.client import EndpointClient
 from common.ports import free_port
 
 MAX_CLIENTS = 64  # a closed-loop client is a thread here; more would measure the load generator
@@ -125,25 +126,18 @@ def _client(port: int, path: str, until: float, window: tuple[float, float], out
     """One closed-loop client on a keep-alive connection: send, wait for the answer, send again.
     POST one of ``inputs`` (a text or a [first, second] pair) to /v1/predict; GET anything else."""
     rng = random.Random(seed)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Content-Type": "application/json"}
     post = path.endswith("/v1/predict")
-    while time.perf_counter() < until:
-        body = json.dumps({"inputs": [rng.choice(inputs)]}) if post else None
-        t0 = time.perf_counter()
-        try:
-            conn.request("POST" if post else "GET", path, body, headers)
-            resp = conn.getresponse()
-            resp.read()
-            ok = resp.status == 200
-        except (OSError, http.client.HTTPException):
-            conn.close()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            ok = False
-        t1 = time.perf_counter()
-        if window[0] <= t1 <= window[1]:
-            out.append((t1 - t0, ok))
-    conn.close()
+    with EndpointClient(f"http://127.0.0.1:{port}", timeout=30) as client:
+        while time.perf_counter() < until:
+            body = {"inputs": [rng.choice(inputs)]} if post else None
+            t0 = time.perf_counter()
+            try:
+                ok = client.request("POST" if post else "GET", path, body)[0] == 200
+            except (OSError, http.client.HTTPException):  # the client reconnects for the next request
+                ok = False
+            t1 = time.perf_counter()
+            if window[0] <= t1 <= window[1]:
+                out.append((t1 - t0, ok))
 
 
 def load(port: int, path: str, clients: int, duration: float, warmup: float, inputs: list | None = None) -> dict:
@@ -186,8 +180,6 @@ def main(argv=None) -> None:
     warmup = 0.5 if args.quick else 2.0
     levels = [min(MAX_CLIENTS, int(c)) for c in args.clients.split(",")]
     setup_env()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (STACK.md), before Ray loads
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     CACHE.mkdir(parents=True, exist_ok=True)
 
     teacher = args.teacher or _cached_teacher() or _tiny_teacher(CACHE / "serve-tiny-teacher")
@@ -195,21 +187,18 @@ def main(argv=None) -> None:
     models = {"student": Path(student), "teacher": Path(teacher)}
     print(f"teacher {teacher}\nstudent {student}", flush=True)
 
-    import ray
-    from ray import serve
+    from common.raylink import connect, disconnect
+    from deploy import control
 
-    from deploy import serve as serving
-
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
+    connect(num_cpus=max(2, os.cpu_count() or 2))
     port = free_port()
     rows = []
     try:
         for name, uri in models.items():
             for batch in (args.max_batch_size, 1):
                 t0 = time.perf_counter()
-                serving.deploy(str(uri), name="bench", port=port, max_batch_size=batch,
-                                     batch_wait_timeout_s=0.01 if batch > 1 else 0.0)
+                control.deploy(str(uri), name="bench", port=port, max_batch_size=batch,
+                               batch_wait_timeout_s=0.01 if batch > 1 else 0.0)
                 print(f"{name}, max_batch_size {batch}: deployed in {time.perf_counter() - t0:.0f} s", flush=True)
                 load(port, "/v1/predict", 4, 1.0, 0.0)  # warm the proxy and the replica
                 if not rows:  # what the HTTP path alone allows here: no model, no batching
@@ -225,8 +214,8 @@ def main(argv=None) -> None:
                     print(f"  {c:>2} clients: {r['throughput_rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
                           f"p99 {r['p99_ms']:.1f} ms, {r['errors']} errors", flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        control.stop(None)
+        disconnect()
 
     def cell(model, batch, clients):
         return next((r for r in rows if r["model"] == model and r["max_batch_size"] == batch

@@ -1,9 +1,24 @@
-"""The Ray Serve application that serves a promoted artifact, and cluster manifests (deploy/cluster/)."""
+"""The slimray endpoint.
 
-import os as _os
+    deploy.app          the Ray Serve application that serves one artifact over HTTP (runs in the cluster)
+    deploy.control      deploy / status / stop from a driver, and the store's live deployment checked
+    deploy.classifier   the model behind it: an artifact loaded once, batches of texts or pairs through it
+    deploy.schema       the HTTP schema
+    deploy/cluster/     cluster manifests (Ray cluster launcher, KubeRay)
 
-# Ray reads these when it is imported: slimray keeps Ray on loopback and quiet unless the user says otherwise.
-_os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-_os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+``deploy.deploy``, ``deploy.status`` and ``deploy.stop`` are deploy.control's; importing this package starts
+nothing and imports no Ray.
+"""
+from __future__ import annotations
 
-__all__ = ["serve"]
+import common.raylink  # noqa: F401  (Ray's loopback environment, before anything imports Ray)
+
+__all__ = ["deploy", "status", "stop", "ServeOptions", "endpoint_url"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from deploy import control
+
+        return getattr(control, name)
+    raise AttributeError(f"module 'deploy' has no attribute {name!r}")

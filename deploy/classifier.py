@@ -1,7 +1,8 @@
 """The model side of the endpoint: an artifact loaded once, then ``classify(items)`` on a batch of texts.
 
 No Ray and no HTTP here, so the HTTP answers can be checked against this class run directly.
-An item is a text (``str``) or a sentence pair (``(first, second)``).
+An item is a text (``str``) or a sentence pair (``(first, second)``). Labels are the names the artifact
+records (``label_names`` in slimray.json: the dataset's names), else its config's class values.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Sequence, Union
 from workers import artifacts
 from common.errors import DeployError
 
-__all__ = ["Classifier", "Item", "max_length", "PTQ", "post_training_quantize"]
+__all__ = ["Classifier", "Item", "max_length", "labels", "takes_pairs", "PTQ", "post_training_quantize"]
 
 Item = Union[str, tuple[str, str]]
 # Quantization applied when the model loads, for serving an artifact as the baselines users compare against:
@@ -40,6 +41,30 @@ def max_length(model, tokenizer, meta: dict) -> int:
     return limit
 
 
+def labels(config, meta: dict) -> list[str]:
+    """Class names in index order: the artifact's recorded ``label_names``, else ``config.id2label``."""
+    n = config.num_labels
+    names = meta.get("label_names")
+    if isinstance(names, list) and len(names) == n and all(isinstance(x, str) and x for x in names):
+        return list(names)
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+
+
+def takes_pairs(meta: dict) -> bool | None:
+    """Whether the model was trained on sentence pairs (two text columns), from the task its artifact records;
+    None when it records none."""
+    task = meta.get("task") if isinstance(meta.get("task"), dict) else {}
+    columns = task.get("text_columns")
+    if not columns and task.get("dataset"):
+        from workers.data import known_layout
+
+        columns = (known_layout(str(task["dataset"])) or {}).get("text_columns")
+    if isinstance(columns, str):
+        return False
+    return len(columns) == 2 if isinstance(columns, (list, tuple)) and columns else None
+
+
 class Classifier:
     """``Classifier.load(uri)(["a text", ("first", "second")])`` → ``[{"label": ..., "score": ...}, ...]``."""
 
@@ -47,8 +72,8 @@ class Classifier:
         if tokenizer is None:
             raise DeployError(f"artifact {uri} has no tokenizer/ directory; it cannot serve raw text")
         self.model, self.tokenizer, self.meta, self.uri = model, tokenizer, meta, uri
-        id2label = getattr(model.config, "id2label", None) or {}
-        self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(model.config.num_labels)]
+        self.labels = labels(model.config, meta)
+        self.pairs = takes_pairs(meta)
         self.max_length = max_length(model, tokenizer, meta)
         # A token is at least one character, so this many characters always cover max_length tokens; cutting
         # before tokenising bounds the work an over-long text can cause.
@@ -60,6 +85,13 @@ class Classifier:
         if ptq is not None:
             model, meta = post_training_quantize(model, ptq), {**meta, "serving_ptq": ptq}
         return cls(model, tokenizer, meta, str(artifacts.resolve(uri)))
+
+    def first_mismatch(self, items: Sequence[Item]) -> int | None:
+        """The index of the first item of the wrong kind for the model (a pair for a single-text model, or a
+        text for a pair model), else None; an artifact that does not record its task takes either."""
+        if self.pairs is None:
+            return None
+        return next((i for i, x in enumerate(items) if isinstance(x, str) == self.pairs), None)
 
     def encode(self, items: Sequence[Item]) -> dict:
         """Token ids for ``items``, truncated to ``max_length`` and right-padded to the longest one."""

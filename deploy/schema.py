@@ -56,7 +56,9 @@ class ModelInfo(BaseModel):
     job: Optional[str] = None
     trial: Optional[str] = None
     artifact: str
-    labels: list[str]
+    labels: list[str] = Field(description="the class names, in class-index order")
+    pairs: Optional[bool] = Field(None, description="true: the model takes sentence pairs, false: single texts; "
+                                                    "null: either (an artifact that does not record its task)")
     max_length: int
     size_bytes: Optional[int] = None
     teacher: Optional[Any] = None

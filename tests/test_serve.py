@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections import Counter
 
 import pytest
@@ -17,41 +16,35 @@ import pytest
 from conftest import promotion_store, record_fault, tiny_artifact
 
 import schemathesis  # in the dev extra: the endpoint is fuzzed from its OpenAPI schema
+from common.client import EndpointClient
 from common.ports import free_port
-
-# Loopback only, never through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def call(url: str, body=None, *, raw: bytes | None = None, headers: dict | None = None, timeout: float = 30):
-    """(status, parsed JSON body) of one request; POST when a body is given."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
-
+    """(status, parsed JSON body) of one request to ``url``; POST when a body is given. No token is sent
+    unless ``headers`` carry one."""
+    parts = urllib.parse.urlsplit(url)
+    with EndpointClient(f"{parts.scheme}://{parts.netloc}", token="", timeout=timeout) as client:
+        return client.request("POST" if body is not None or raw is not None else "GET", parts.path, body,
+                              raw=raw, headers=headers)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     import ray
-    from ray import serve
 
-    from deploy import serve as serving
+    from common.raylink import connect
+    from deploy import control
 
     root = tmp_path_factory.mktemp("serve")
     arts = {"a": tiny_artifact(root / "a", meta={"job_id": "job-a", "trial_id": "t_a"}).uri,
             "b": tiny_artifact(root / "b", layers=1, seed=1, labels=("neg", "pos")).uri}
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect(num_cpus=2)
     port = free_port()
-    url = serving.deploy(arts["a"], port=port, info={"job": "job-a", "trial": "t_a", "who": "tester"})
-    yield {"url": url, "port": port, "arts": arts}
-    serve.shutdown()
+    url = control.deploy(arts["a"], port=port, info={"job": "job-a", "trial": "t_a", "who": "tester"})
+    yield {"url": url, "port": port, "arts": arts, "root": root}
+    control.stop(None)
     if started:
         ray.shutdown()
 
@@ -76,19 +69,21 @@ def _direct(uri: str, items: list) -> list[tuple[str, float]]:
 
 
 def test_deploy_refuses_bad_arguments_before_touching_ray(tmp_path):
-    from deploy import serve as serving
-    from common.errors import DeployError
+    from common.errors import ConfigError, DeployError
+    from deploy import control
 
     art = tiny_artifact(tmp_path / "a").uri
     with pytest.raises(DeployError, match="is not a slimray artifact"):
-        serving.deploy(tmp_path / "missing")
-    with pytest.raises(DeployError) as err:
-        serving.deploy(art, route_prefix="sst2/", max_batch_size=0, port=70000, batch_wait_timeout_s=-1)
-    msg = str(err.value)
-    assert all(k in msg for k in ("route_prefix", "max_batch_size", "port", "batch_wait_timeout_s"))
-    assert "\n" not in msg
-    with pytest.raises(DeployError, match="unknown post-training quantization 'fp8'; use one of torch-dynamic-int8"):
-        serving.deploy(art, ptq="fp8")
+        control.deploy(tmp_path / "missing")
+    with pytest.raises(ConfigError) as err:
+        control.deploy(art, route_prefix="sst2/", max_batch_size=0, port=70000, batch_wait_timeout_s=-1)
+    assert sorted(line.split(":")[0] for line in err.value.problems) == \
+        ["batch_wait_timeout_s", "max_batch_size", "port", "route_prefix"]
+    assert "route_prefix: must start with '/' and not end with one" in str(err.value)
+    with pytest.raises(ConfigError, match="ptq: must be one of torch-dynamic-int8, got 'fp8'"):
+        control.deploy(art, ptq="fp8")
+    with pytest.raises(ConfigError, match="unknown key"):
+        control.deploy(art, max_batch=4)
 
 
 def test_ptq_on_load_quantizes_every_linear_and_keeps_the_answers(tmp_path):
@@ -193,8 +188,78 @@ def test_health_model_info_and_openapi(served):
                                "torch_threads": info["serving"]["torch_threads"], "ptq": None}
     status, spec = call(served["url"] + "/openapi.json")
     assert status == 200 and {"/v1/predict", "/v1/model", "/healthz"} <= set(spec["paths"])
-    with _OPENER.open(served["url"] + "/docs", timeout=30) as resp:
-        assert resp.status == 200 and b"swagger" in resp.read().lower()
+    status, page = call(served["url"] + "/docs")
+    assert status == 200 and "swagger" in page.lower()
+
+
+def test_labels_and_input_kind_come_from_the_artifact(tmp_path):
+    from deploy.classifier import Classifier
+
+    old = Classifier.load(tiny_artifact(tmp_path / "old", labels=("0", "1")).uri)  # records no task, no names
+    assert old.labels == ["0", "1"] and old.pairs is None
+    assert old.first_mismatch(["a", ("b", "c")]) is None
+    assert {p["label"] for p in old(["a good film", ("a", "b")])} <= {"0", "1"}
+    named = Classifier.load(tiny_artifact(tmp_path / "sst2", labels=("0", "1"), meta={
+        "task": {"dataset": "glue/sst2", "text_columns": ["sentence"]}, "label_names": ["negative", "positive"]}).uri)
+    assert named.labels == ["negative", "positive"] and named.pairs is False
+    assert named.first_mismatch(["a", "b", ("c", "d")]) == 2
+    pairs = Classifier.load(tiny_artifact(tmp_path / "mrpc", labels=("0", "1"), meta={"task": {"dataset": "glue/mrpc"}}).uri)
+    assert pairs.pairs is True and pairs.labels == ["0", "1"]  # names only where the artifact records them
+    assert pairs.first_mismatch([("a", "b"), "c"]) == 1
+
+
+def test_label_names_of_the_data():
+    from workers.data import label_names
+
+    assert label_names("glue/sst2", ("0", "1")) == ("negative", "positive")
+    assert label_names("GLUE/MRPC", ["0", "1"]) == ("not_equivalent", "equivalent")
+    assert label_names("/data/reviews", ("neg", "pos")) == ("neg", "pos")  # a local file's own values
+
+
+def test_endpoint_answers_with_label_names_and_refuses_the_wrong_input_kind(served, tmp_path, monkeypatch):
+    from ray import serve
+    from typer.testing import CliRunner
+
+    from deploy import control
+    from orchestrator.cli import app
+
+    single = tiny_artifact(tmp_path / "sst2", labels=("0", "1"), meta={
+        "job_id": "job-s", "trial_id": "t_s", "task": {"dataset": "glue/sst2", "text_columns": ["sentence"]},
+        "label_names": ["negative", "positive"]}).uri
+    pair = tiny_artifact(tmp_path / "mrpc", labels=("0", "1"), seed=2, meta={
+        "job_id": "job-p", "trial_id": "t_p", "task": {"dataset": "glue/mrpc",
+                                                        "text_columns": ["#1 String", "#2 String"]},
+        "label_names": ["not_equivalent", "equivalent"]}).uri
+    monkeypatch.setenv("SLIMRAY_HOME", str(tmp_path))
+    monkeypatch.delenv("SLIMRAY_API_TOKEN", raising=False)
+    runner = CliRunner()
+    url = control.deploy(single, name="kinds", route_prefix="/kinds", port=served["port"])
+    try:
+        status, body = call(url + "/v1/predict", {"inputs": TEXTS})
+        assert status == 200, body
+        assert {p["label"] for p in body["predictions"]} <= {"negative", "positive"}
+        info = call(url + "/v1/model")[1]
+        assert info["labels"] == ["negative", "positive"] and info["pairs"] is False
+        status, body = call(url + "/v1/predict", {"inputs": ["good", ["a man eats", "someone eats"]]})
+        assert status == 422 and body["error"] == \
+            "inputs[1]: this model classifies single texts; send a text, not a [first, second] pair"
+        res = runner.invoke(app, ["predict", "a good film", "--url", url])
+        assert res.exit_code == 0 and res.output.split()[0] in ("negative", "positive"), res.output
+        res = runner.invoke(app, ["predict", "a man eats", "--pair", "someone eats", "--url", url])
+        assert res.exit_code == 2 and "answered 422: inputs[0]: this model classifies single texts" in res.output
+
+        serve.delete("kinds")  # two replicas of this test's at once would need a third CPU
+        url = control.deploy(pair, name="kinds", route_prefix="/kinds", port=served["port"])
+        status, body = call(url + "/v1/predict", {"inputs": PAIRS})
+        assert status == 200, body
+        assert {p["label"] for p in body["predictions"]} <= {"not_equivalent", "equivalent"}
+        status, body = call(url + "/v1/predict", {"inputs": [["a", "b"], "a single text"]})
+        assert status == 422 and body["error"] == \
+            "inputs[1]: this model classifies sentence pairs; send [first, second], not a single text"
+        res = runner.invoke(app, ["predict", "a man eats", "--pair", "someone eats", "--url", url])
+        assert res.exit_code == 0 and res.output.split()[0] in ("not_equivalent", "equivalent"), res.output
+    finally:
+        serve.delete("kinds")
 
 
 def test_openapi_fuzz_never_5xx(served):
@@ -234,11 +299,11 @@ def test_bearer_token(served, monkeypatch, tmp_path):
     from ray import serve
     from typer.testing import CliRunner
 
-    from deploy import serve as serving
+    from deploy import control
     from orchestrator.cli import app
 
     monkeypatch.setenv("SLIMRAY_API_TOKEN", "s3cret-token")
-    url = serving.deploy(served["arts"]["a"], name="secured", route_prefix="/secured", port=served["port"])
+    url = control.deploy(served["arts"]["a"], name="secured", route_prefix="/secured", port=served["port"])
     try:
         assert url == f"http://127.0.0.1:{served['port']}/secured"
         ok = {"inputs": ["good"]}
@@ -264,7 +329,7 @@ def test_bearer_token(served, monkeypatch, tmp_path):
 
 
 def test_swap_under_load_drops_no_request(served):
-    from deploy import serve as serving
+    from deploy import control
 
     url = served["url"] + "/v1/predict"
     results, stop = [], threading.Event()
@@ -284,7 +349,7 @@ def test_swap_under_load_drops_no_request(served):
         t.start()
     try:
         time.sleep(0.5)
-        serving.deploy(served["arts"]["b"], port=served["port"], info={"job": "job-a", "trial": "t_b"})
+        control.deploy(served["arts"]["b"], port=served["port"], info={"job": "job-a", "trial": "t_b"})
         time.sleep(1.0)
     finally:
         stop.set()
@@ -307,7 +372,7 @@ def test_swap_under_load_drops_no_request(served):
 def test_promote_serves_the_pick_records_it_and_the_cli_reads_it(served, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from deploy import serve as serving
+    from deploy import control
     from orchestrator.cli import app
     from orchestrator.promote import promote
 
@@ -342,6 +407,6 @@ def test_promote_serves_the_pick_records_it_and_the_cli_reads_it(served, tmp_pat
     res = runner.invoke(app, ["serve", "stop"])
     assert res.exit_code == 0, res.output
     assert store.live_deployment() is None and store.deployments("job-live")[0]["status"] == "stopped"
-    assert "slimray" not in serving.status()["applications"]
+    assert "slimray" not in control.status()["applications"]
     res = runner.invoke(app, ["predict", "a good film", "--url", served["url"]])
     assert res.exit_code == 2, res.output

@@ -21,20 +21,29 @@ from pydantic import Field, model_validator
 from common.config import Frozen, Int, Str
 from common.errors import DataError
 
-__all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout"]
+__all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout", "label_names"]
 
 # Local layouts of the GLUE tasks as GLUE ships them (docs/operations.md shows where they go).
 _GLUE = {
     "glue/sst2": {"dir": "glue/SST-2", "text_columns": ("sentence",), "label_column": "label", "metric": "accuracy",
-                  "eval_split": "dev", "hub": ("glue", "sst2"), "hub_eval": "validation"},
+                  "eval_split": "dev", "hub": ("glue", "sst2"), "hub_eval": "validation",
+                  "label_names": {"0": "negative", "1": "positive"}},
     "glue/mrpc": {"dir": "glue/MRPC", "text_columns": ("#1 String", "#2 String"), "label_column": "Quality",
                   "metric": "accuracy_f1", "eval_split": "dev", "hub": ("glue", "mrpc"), "hub_eval": "validation",
-                  "hub_columns": ("sentence1", "sentence2"), "hub_label": "label"},
+                  "hub_columns": ("sentence1", "sentence2"), "hub_label": "label",
+                  "label_names": {"0": "not_equivalent", "1": "equivalent"}},
 }
 
 
 def known_layout(dataset: str) -> dict | None:
     return _GLUE.get(dataset.lower())
+
+
+def label_names(dataset: str, labels) -> tuple[str, ...]:
+    """What predictions call each class, in class-index order: the dataset's names for its label values where
+    it has them (glue/sst2 labels 0 and 1 are negative and positive), else the label values themselves."""
+    names = (known_layout(dataset) or {}).get("label_names", {})
+    return tuple(names.get(str(x), str(x)) for x in labels)
 
 
 class TaskConfig(Frozen):
@@ -267,3 +276,4 @@ def encode(split: Split, tokenizer, max_length: int) -> Encoded:
         if "token_type_ids" in enc:
             tt[i, : len(row)] = enc["token_type_ids"][i]
     return Encoded(ids, tt, lengths, split.labels.copy())
+

@@ -6,11 +6,10 @@
     GET  /healthz     liveness (never needs the token)
     GET  /docs, /openapi.json
 
-``deploy(artifact)`` runs it as the Serve application ``name``. Deploying again under the same name with
-another artifact is a rolling update with surge: Serve starts the new replica next to the old one, sends
-traffic to it once its constructor (model load + one warm-up forward) has returned, and only then drains
-the old one; so a promotion never drops a request.
+Labels are the dataset's names when the artifact records them (negative/positive), else its class values.
+A model trained on single sentences refuses sentence pairs with a 422, and a pair model single texts.
 
+This module is what runs inside the cluster; :mod:`deploy.control` deploys it from a driver.
 Inputs from concurrent requests are batched per *input* with ``@serve.batch``: a request with 3 texts adds
 3 items to the replica's queue, and a forward pass takes up to ``max_batch_size`` items from any requests.
 """
@@ -21,37 +20,32 @@ import hashlib
 import hmac
 import logging
 import os
-from pathlib import Path
 from typing import Optional
 
-# Ray reads these once, when it is first imported: keep every node and driver on 127.0.0.1 (STACK.md) unless the
-# environment says otherwise.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import common.raylink  # noqa: F401  (sets Ray's loopback environment before Ray is imported)
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fastapi import FastAPI, HTTPException, Request  # noqa: E402
-from fastapi.encoders import jsonable_encoder  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
-from ray import serve  # noqa: E402
-from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+from common.client import TOKEN_ENV
+from common.errors import DeployError
+from deploy.schema import ErrorBody, Health, ModelInfo, PredictRequest, PredictResponse
 
-from deploy.schema import ErrorBody, Health, ModelInfo, PredictRequest, PredictResponse  # noqa: E402
-from deploy.classifier import PTQ  # noqa: E402
-from common.errors import DeployError  # noqa: E402
-
-__all__ = ["deploy", "status", "stop", "endpoint_url", "SlimrayModel", "app", "TOKEN_ENV", "DEPLOYMENT"]
+__all__ = ["SlimrayModel", "app", "app_from_env", "DEPLOYMENT", "OPEN_PATHS"]
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "SLIMRAY_API_TOKEN"
 DEPLOYMENT = "model"  # one fixed deployment name: a redeploy updates it in place instead of adding another
-HOST = "127.0.0.1"
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 _ERRORS = {401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
            413: {"model": ErrorBody, "description": "more inputs than the deployment's max_inputs"},
-           422: {"model": ErrorBody, "description": "malformed JSON or inputs"}}
+           422: {"model": ErrorBody, "description": "malformed JSON or inputs, or inputs of the wrong kind for "
+                                                    "the model (a sentence pair for a single-text model, or the "
+                                                    "reverse: see `pairs` in /v1/model)"}}
 
 app = FastAPI(title="slimray", version="1",
               description="A compressed transformer classifier chosen by slimray's search. Send texts or "
@@ -197,7 +191,7 @@ class SlimrayModel:
         self.ref = {"job": self.info.get("job") or meta.get("job_id"),
                     "trial": self.info.get("trial") or meta.get("trial_id")}
         self.model_info = ModelInfo(
-            **self.ref, artifact=self.classifier.uri, labels=self.classifier.labels,
+            **self.ref, artifact=self.classifier.uri, labels=self.classifier.labels, pairs=self.classifier.pairs,
             max_length=self.classifier.max_length, size_bytes=artifact_info(artifact_uri).size_bytes,
             teacher=meta.get("teacher"), trial_config=meta.get("trial_config"), metrics=meta.get("metrics"),
             promoted_at=self.info.get("promoted_at"), promoted_by=self.info.get("who"),
@@ -218,6 +212,11 @@ class SlimrayModel:
             raise HTTPException(413, f"{len(body.inputs)} inputs in one request; send at most {self.max_inputs} "
                                      f"(split the list over several requests)")
         items = [x if isinstance(x, str) else (x[0], x[1]) for x in body.inputs]
+        wrong = self.classifier.first_mismatch(items)
+        if wrong is not None:
+            want = "sentence pairs; send [first, second], not a single text" if self.classifier.pairs else \
+                "single texts; send a text, not a [first, second] pair"
+            raise HTTPException(422, f"inputs[{wrong}]: this model classifies {want}")
         predictions = await asyncio.gather(*(self.classify(x) for x in items))
         return {"predictions": predictions, "model": self.ref}
 
@@ -230,137 +229,8 @@ class SlimrayModel:
         return {"status": "ok"}
 
 
-# --------------------------------------------------------------------------- driver side
-
-def endpoint_url(port: int = 8000, route_prefix: str = "/") -> str:
-    return f"http://{HOST}:{port}{'' if route_prefix == '/' else route_prefix}"
-
-
-def _check(name, route_prefix, max_batch_size, batch_wait_timeout_s, num_replicas, port, max_inputs) -> None:
-    problems = []
-    if not isinstance(name, str) or not name:
-        problems.append(f"name: must be a non-empty string, got {name!r}")
-    if not isinstance(route_prefix, str) or not route_prefix.startswith("/") or \
-            (route_prefix != "/" and route_prefix.endswith("/")):
-        problems.append(f"route_prefix: must start with '/' and not end with one (e.g. '/' or '/sst2'), "
-                        f"got {route_prefix!r}")
-    for field, value, low in (("max_batch_size", max_batch_size, 1), ("num_replicas", num_replicas, 1),
-                              ("port", port, 1), ("max_inputs", max_inputs, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            problems.append(f"{field}: must be an integer ≥ {low}, got {value!r}")
-    if isinstance(port, int) and port > 65535:
-        problems.append(f"port: must be ≤ 65535, got {port}")
-    if not isinstance(batch_wait_timeout_s, (int, float)) or not 0 <= batch_wait_timeout_s <= 10:
-        problems.append(f"batch_wait_timeout_s: must be a number in [0, 10], got {batch_wait_timeout_s!r}")
-    if problems:
-        raise DeployError("; ".join(problems))
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():  # the loopback settings are set at the top of this module
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-
-
-def _client():
-    from ray.serve.context import _get_global_client
-
-    return _get_global_client(raise_if_no_controller_running=False)
-
-
-def _ensure_serve(port: int) -> None:
-    client = _client()
-    if client is not None:
-        running = client.http_config.port
-        if running != port:
-            raise DeployError(f"Ray Serve already listens on {HOST}:{running}; deploy with port={running} "
-                              f"(--port {running}) or stop it first (`slimray serve stop --all`)")
-        return
-    serve.start(http_options={"host": HOST, "port": port})
-
-
-def deploy(artifact_uri, *, name: str = "slimray", route_prefix: str = "/", max_batch_size: int = 32,
-           batch_wait_timeout_s: float = 0.01, num_replicas: int = 1, port: int = 8000,
-           info: Optional[dict] = None, max_inputs: int = 64, ptq: Optional[str] = None) -> str:
-    """Serve the artifact at ``artifact_uri`` as the Serve application ``name``; returns the endpoint URL.
-    ``ptq`` (one of deploy.classifier.PTQ) quantizes the model as it loads, the artifact stays as it is.
-
-    Joins the connected Ray (else starts an embedded one, which ends with this process). Replacing a running
-    application of the same name is a zero-downtime rolling update. ``SLIMRAY_API_TOKEN``, when set here,
-    is the bearer token every request but /healthz must carry.
-    """
-    from workers.artifacts import resolve
-
-    _check(name, route_prefix, max_batch_size, batch_wait_timeout_s, num_replicas, port, max_inputs)
-    if ptq is not None and ptq not in PTQ:
-        raise DeployError(f"ptq: unknown post-training quantization {ptq!r}; use one of {', '.join(PTQ)}")
-    path = resolve(artifact_uri)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise DeployError(f"{artifact_uri} is not a slimray artifact (config.json or model.safetensors missing); "
-                          f"promote a trial that saved one")
-    token = os.environ.get(TOKEN_ENV) or None
-    # the replica only ever holds the token's hash: deployment arguments are visible to the cluster
-    token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None
-    _ensure_ray()
-    _ensure_serve(port)
-    model = SlimrayModel.options(
-        num_replicas=num_replicas,
-        # every HTTP request is one ongoing request at the replica: with Serve's default of 5, batches never
-        # grow past 5 requests (STACK.md); leave room for two full batches
-        max_ongoing_requests=max(64, 2 * max_batch_size),
-    ).bind(str(Path(path).resolve()), info=info, max_batch_size=max_batch_size,
-           batch_wait_timeout_s=float(batch_wait_timeout_s), max_inputs=max_inputs, token_sha256=token_sha256,
-           ptq=ptq)
-    try:
-        serve.run(model, name=name, route_prefix=route_prefix)
-    except Exception as err:  # Serve raises its own exception types; the user needs one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
-        raise DeployError(f"deploying {path} as '{name}' failed: {first}; the previous model (if any) keeps "
-                          f"serving; see `slimray serve status`") from err
-    return endpoint_url(port, route_prefix)
-
-
-def status() -> dict:
-    """``{"port": ..., "applications": {name: {"status", "message", "route_prefix", "deployments"}}}``, or
-    ``{"applications": {}}`` when Serve is not running on the connected Ray."""
-    import ray
-
-    client = _client() if ray.is_initialized() else None  # never start a Ray just to look
-    if client is None:
-        return {"port": None, "applications": {}, "proxies": {}}
-    st = serve.status()
-    try:
-        prefixes = {n: a.get("route_prefix") for n, a in client.get_serve_details().get("applications", {}).items()}
-    except Exception:  # route prefixes are a nicety of the report
-        prefixes = {}
-    apps = {}
-    for name, a in st.applications.items():
-        apps[name] = {
-            "status": str(getattr(a.status, "value", a.status)), "message": a.message,
-            "route_prefix": prefixes.get(name),
-            "endpoint": endpoint_url(client.http_config.port, prefixes[name]) if prefixes.get(name) else None,
-            "deployments": {d: {"status": str(getattr(s.status, "value", s.status)), "message": s.message,
-                                "replicas": {str(getattr(k, "value", k)): v for k, v in s.replica_states.items()}}
-                            for d, s in a.deployments.items()}}
-    return {"port": client.http_config.port, "applications": apps,
-            "proxies": {n: str(getattr(p, "value", p)) for n, p in st.proxies.items()}}
-
-
-def stop(name: Optional[str] = "slimray") -> None:
-    """Delete the application ``name``; ``name=None`` shuts Serve down altogether (proxies included)."""
-    import ray
-
-    if not ray.is_initialized() or _client() is None:
-        return
-    if name is None:
-        serve.shutdown()
-    else:
-        serve.delete(name)
-
-
 def app_from_env(args: Optional[dict] = None):
-    """An application builder for `serve run` / KubeRay's RayService (`import_path: deploy.serve:app_from_env`):
+    """An application builder for `serve run` / KubeRay's RayService (`import_path: deploy.app:app_from_env`):
     serves ``SLIMRAY_ARTIFACT`` with ``SLIMRAY_MAX_BATCH_SIZE`` (default 32); changing the artifact and
     re-applying the RayService is Serve's rolling update."""
     args = args or {}
