@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export SLIMRAY_HOME ?= $(abspath .slimray)
 
-.PHONY: setup test test-fast demo bench-distill bench-compression bench-search bench-serve bench-reliability bench-e2e clean
+.PHONY: setup test test-fast demo docs bench-distill bench-compression bench-search bench-serve bench-reliability bench-e2e clean
 
 $(BIN)/slimray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/slimray demo
+
+# The job spec reference is generated from the spec's JSON Schema; a test fails when it is stale.
+docs: setup
+	$(BIN)/python -m orchestrator.schema_doc > docs/configuration.md
 
 bench-distill: setup
 	$(BIN)/python -m bench.distill

@@ -44,14 +44,19 @@ SIZE_X, SPEED_X, MAX_DROP, PTQ_X = 8.0, 5.0, 1.0, 2.0  # the issue's bar for the
 def find_or_run(spec_path: Path, store, fresh: bool) -> tuple[str, str]:
     """The newest job of this exact spec: reused when finished, resumed when it did not end; else a new one.
     Returns (job id, how: reused | resumed | submitted)."""
+    from common.errors import SpecError
     from orchestrator.jobs import new_job_id, resume, submit
-    from orchestrator.spec import load
+    from orchestrator.spec import from_stored, load
 
     spec = load(spec_path)
-    wanted = json.loads(json.dumps(spec.to_dict(), default=str))
+    wanted = from_stored(spec.stored())  # as a job stores it: the database password masked
     if not fresh:
         for job in store.list_jobs(500):
-            if job["name"] != spec.name or json.loads(json.dumps(job["spec"], default=str)) != wanted:
+            try:
+                same = job["name"] == spec.name and from_stored(job["spec"]) == wanted
+            except SpecError:  # a job of an older spec format that no longer parses
+                same = False
+            if not same:
                 continue
             if job["status"] == "finished":
                 print(f"reusing finished job {job['id']} (same spec; --fresh runs a new search)", flush=True)
@@ -63,7 +68,7 @@ def find_or_run(spec_path: Path, store, fresh: bool) -> tuple[str, str]:
     job_id = new_job_id(spec.name)
     print(f"submitting {spec_path.name} as job {job_id}; follow it with "
           f"`SLIMRAY_HOME={os.environ['SLIMRAY_HOME']} slimray status {job_id}`", flush=True)
-    return submit(spec_path, job_id=job_id, store=store), "submitted"
+    return submit(spec, job_id=job_id, store=store), "submitted"
 
 
 # --------------------------------------------------------------------------- measuring one model
@@ -137,17 +142,18 @@ def half_depth_student(teacher, spec, steps: int, lr: float, out: Path) -> Path:
 
 def promote_best(job_id: str, store, teacher_bytes: int, port: int):
     """The job's own constraints with the size bar on top; each rung relaxes one thing and is reported."""
-    from orchestrator.promote import PromoteConstraints, promote
+    from orchestrator.promote import promote
+    from orchestrator.spec import Constraints, from_stored
     from common.errors import DeployError
 
-    base = PromoteConstraints.from_spec(store.get_job(job_id)["spec"])
+    base = from_stored(store.get_job(job_id)["spec"]).constraints
     size_mb = teacher_bytes / SIZE_X / 1e6
     drops = [base.max_metric_drop] + [d for d in (2.0, 3.0, 5.0) if base.max_metric_drop is None or
                                       d > base.max_metric_drop] + [None]
-    ladder = [PromoteConstraints(max_metric_drop=base.max_metric_drop, max_size_mb=size_mb),
-              PromoteConstraints(max_metric_drop=base.max_metric_drop)]
-    ladder += [PromoteConstraints(max_metric_drop=d, max_size_mb=size_mb) for d in drops[1:]]
-    ladder.append(PromoteConstraints(max_metric_drop=None))  # the front's fastest model, whatever it costs
+    ladder = [Constraints(max_metric_drop=base.max_metric_drop, max_size_mb=size_mb),
+              Constraints(max_metric_drop=base.max_metric_drop)]
+    ladder += [Constraints(max_metric_drop=d, max_size_mb=size_mb) for d in drops[1:]]
+    ladder.append(Constraints(max_metric_drop=None))  # the front's fastest model, whatever it costs
     refused = []
     for c in ladder:
         try:

@@ -69,8 +69,8 @@ def efficiency(trials: int, steps: int) -> tuple[list[dict], list[dict], dict]:
     _, t = teacher()
     root = Path(tempfile.mkdtemp(prefix="slimray-bench-search-"))
     curves, rows = {}, []
-    for label, algo in (("random", {"name": "random", "asha": False, "seed": 0}),
-                        ("tpe+asha", {"name": "tpe", "asha": True, "grace_period": max(1, steps // 4),
+    for label, algo in (("random", {"name": "random", "asha": "none", "seed": 0}),
+                        ("tpe+asha", {"name": "tpe", "asha": "metric", "grace_period": max(1, steps // 4),
                                       "max_t": steps, "reduction_factor": 2, "seed": 0})):
         t0 = time.perf_counter()
         job_id = submit(parse(_job(f"bench-{label.replace('+', '-')}", algo, t.uri, root, trials, steps)))
@@ -115,16 +115,16 @@ def _sleep_search(n_trials: int, seconds: float, concurrent: int, root: Path, st
     job_id = f"overhead-{concurrent}-{time.time_ns()}"
     store = Store(store_url)
     store.create_job(job_id, "overhead", {}, teacher="-", dataset="-")
-    space = SearchSpace.from_dict({})
-    settings = SearchSettings(algorithm="random", asha=False)
-    search_alg, scheduler = make(space, settings, max_concurrent=concurrent)
+    space = SearchSpace()
+    settings = SearchSettings(name="random", asha="none")
+    search_alg, scheduler = make(space, settings, (), max_concurrent=concurrent)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_sleepy, seconds=seconds), {"cpu": 1}),
         param_space={"distill.temperature": tune.uniform(1, 6)},
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=n_trials,
                                     reuse_actors=True),  # as slimray's driver does for in-process trials
         run_config=tune.RunConfig(name=job_id, storage_path=str(root), verbose=0,
-                                  callbacks=[Recorder(store_url, job_id, {})], stop=CancelStopper(store_url, job_id)))
+                                  callbacks=[Recorder(store_url, job_id)], stop=CancelStopper(store_url, job_id)))
     t0 = time.perf_counter()
     tuner.fit()
     wall = time.perf_counter() - t0

@@ -1,7 +1,7 @@
 """The slimray orchestrator: job specs, submit/resume/cancel, the Tune driver, the store recorder, promotion, CLI.
 
     import orchestrator
-    job_id = orchestrator.submit("examples/tiny.yaml")
+    job_id = orchestrator.submit(orchestrator.load_spec("examples/tiny.yaml"))
     orchestrator.promote(job_id)
 
 Importing this package starts nothing: Ray, torch and DeepSpeed load inside the functions that need them.

@@ -24,7 +24,7 @@ def dashboard_url(address: str | None) -> str:
     return f"http://{host or '127.0.0.1'}:8265"
 
 
-def submit_detached(spec, job_id: str, spec_path: Path | None) -> str:
+def submit_detached(spec, job_id: str) -> str:
     import yaml
     from ray.job_submission import JobSubmissionClient
 
@@ -33,12 +33,12 @@ def submit_detached(spec, job_id: str, spec_path: Path | None) -> str:
 
     store = open_store(spec.storage.db_url)
     # the row exists before the driver starts, so `slimray status` works at once; the driver's create is idempotent
-    store.create_job(job_id, spec.name, spec.to_dict(), teacher=spec.teacher, dataset=spec.task.dataset,
+    store.create_job(job_id, spec.name, spec.stored(), teacher=spec.teacher, dataset=spec.task.dataset,
                      code_version=code_version())
     work = Path(tempfile.mkdtemp(prefix=f"slimray-{job_id}-"))
-    raw = dict(spec.raw)
-    raw.pop("ray_address", None)  # inside the cluster the driver joins it with address=auto
-    (work / "job.yaml").write_text(yaml.safe_dump(raw))
+    # the spec as parsed, not as stored: the driver needs the real database URL; inside the cluster it joins
+    # Ray with address=auto
+    (work / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude={"ray_address"})))
     env = {k: v for k, v in os.environ.items() if k.startswith("SLIMRAY_")}
     env.setdefault("SLIMRAY_DB_URL", store.url)
     env["RAY_ADDRESS"] = "auto"

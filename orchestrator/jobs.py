@@ -5,14 +5,13 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import secrets
 import time
 from pathlib import Path
 
-from orchestrator.spec import JobSpec, parse
+from orchestrator.spec import JobSpec, from_stored
 from common.errors import SlimrayError
 from common.paths import home, open_store
 
@@ -59,10 +58,6 @@ def _prepare_teacher(spec: JobSpec, cache_dir: Path) -> dict:
             "logits": t.train_logits, "dataset": data.source}
 
 
-def _base_trial(spec: JobSpec) -> dict:
-    return {"train": dataclasses.asdict(spec.train), "distill": dataclasses.asdict(spec.distill)}
-
-
 def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, restore_path: str | None):
     from ray import tune
 
@@ -77,7 +72,8 @@ def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, r
     trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared, settings=settings), resources)
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    search_alg, scheduler = make(spec.search, spec.algorithm, max_concurrent=spec.budget.max_concurrent)
+    search_alg, scheduler = make(spec.search, spec.algorithm, spec.objectives,
+                                 max_concurrent=spec.budget.max_concurrent)
     root = _artifact_root(spec, job_id)
     return tune.Tuner(
         trainable,
@@ -89,7 +85,7 @@ def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, r
                                     reuse_actors=not spec.resources.distributed),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(root), verbose=0,
-            callbacks=[Recorder(store_url, job_id, _base_trial(spec))],
+            callbacks=[Recorder(store_url, job_id, settings.base)],
             stop=CancelStopper(store_url, job_id),
             failure_config=tune.FailureConfig(max_failures=spec.budget.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # 1 forces a state snapshot per checkpoint
@@ -147,11 +143,8 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
         store.set_job_baseline(job_id, {**bundle["teacher_metrics"], "uri": bundle["teacher_uri"]})
         shared = {"ref": ray.put(bundle)}  # wrapped in a dict: with_parameters would resolve a bare ref
         settings = TrialSettings(
-            job_id=job_id, base=_base_trial(spec), out_root=str(root / "trials"), metric=spec.task.metric,
-            seq_len=spec.seq_len, latency_threads=spec.latency.threads, latency_runs=spec.latency.runs,
-            workers=spec.resources.workers, cpus=spec.resources.cpus, gpus=spec.resources.gpus,
-            checkpoint_every=spec.train.eval_every,
-            provenance={"job_id": job_id, "dataset": bundle["dataset"], "task": dataclasses.asdict(spec.task),
+            spec=spec, job_id=job_id, out_root=str(root / "trials"),
+            provenance={"job_id": job_id, "dataset": bundle["dataset"], "task": spec.task.model_dump(mode="json"),
                         "code_version": code_version()})
         tuner = _tuner(spec, job_id, store.url, shared, settings,
                        restore_path if restore_path and Path(restore_path).exists() else None)
@@ -172,27 +165,24 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
     return job_id
 
 
-def submit(spec: JobSpec | dict | str | os.PathLike, *, address: str | None = None, job_id: str | None = None,
-           detach: bool = False, store=None) -> str:
-    """Run a search job to completion (or hand it to the cluster with ``detach``); returns the job id."""
-    from orchestrator.spec import load
+def submit(spec: JobSpec, *, address: str | None = None, job_id: str | None = None, detach: bool = False,
+           store=None) -> str:
+    """Run a search job to completion (or hand it to the cluster with ``detach``); returns the job id. ``spec``
+    is parsed once, by the caller (``orchestrator.spec.load``), and travels as is to the trials."""
     from workers.teacher import code_version
 
-    spec_path = None
-    if isinstance(spec, (str, os.PathLike)):
-        spec_path = Path(spec)
-        spec = load(spec_path)
-    elif isinstance(spec, dict):
-        spec = parse(spec)
+    if not isinstance(spec, JobSpec):
+        raise SlimrayError(f"submit takes a parsed JobSpec (orchestrator.spec.load / parse), got "
+                           f"{type(spec).__name__}")
     if address:
-        spec = dataclasses.replace(spec, ray_address=address)
+        spec = spec.model_copy(update={"ray_address": address})
     job_id = job_id or new_job_id(spec.name)
     if detach:
         from orchestrator.detach import submit_detached
 
-        return submit_detached(spec, job_id, spec_path)
+        return submit_detached(spec, job_id)
     store = store or open_store(spec.storage.db_url)
-    store.create_job(job_id, spec.name, spec.to_dict(), teacher=spec.teacher, dataset=spec.task.dataset,
+    store.create_job(job_id, spec.name, spec.stored(), teacher=spec.teacher, dataset=spec.task.dataset,
                      code_version=code_version())
     return _run(job_id, spec, store)
 
@@ -203,9 +193,9 @@ def resume(job_id: str, *, address: str | None = None, store=None) -> str:
     job = store.get_job(job_id)
     if job["status"] == "finished":
         raise SlimrayError(f"job {job_id} already finished; see `slimray results {job_id}`")
-    spec = parse(job["spec"])
+    spec = from_stored(job["spec"])
     if address:
-        spec = dataclasses.replace(spec, ray_address=address)
+        spec = spec.model_copy(update={"ray_address": address})
     return _run(job_id, spec, store, restore_path=job.get("tune_path"))
 
 

@@ -1,7 +1,7 @@
 """Promotion: a job's Pareto front → latency re-measured serially here → the constrained pick → a live endpoint.
 
     promote(job_id)                       lowest batch-1 latency with metric drop ≤ the job's max_metric_drop
-    promote(job_id, PromoteConstraints(max_metric_drop=0.5, max_size_mb=20))
+    promote(job_id, Constraints(max_metric_drop=0.5, max_size_mb=20))
     promote(job_id, trial="trial_0003")   that trial, whatever the constraints
 
 The latencies the trials reported were measured while other trials trained on the same cores; promotion
@@ -11,76 +11,26 @@ one Deployment row per promotion: ``live`` (the previous one becomes ``replaced`
 """
 from __future__ import annotations
 
-import dataclasses
 import getpass
 import hashlib
 import logging
-import math
 import os
 import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from common.errors import ConfigError, DeployError, SlimrayError
+from orchestrator.spec import Constraints, from_stored
 from common.ports import free_port
 
-__all__ = ["PromoteConstraints", "promote", "remeasure", "serving_ray", "local_head_address", "loopback_env"]
+__all__ = ["promote", "remeasure", "serving_ray", "local_head_address", "loopback_env"]
 
 log = logging.getLogger(__name__)
 
 MIN_RUNS = 20  # a median of fewer timed runs moves by more than the gaps between front members
-
-
-@dataclass(frozen=True)
-class PromoteConstraints:
-    """What a promoted model must meet. ``None`` lifts a limit; sizes are in MB (10⁶ bytes)."""
-
-    max_metric_drop: float | None = 1.0  # task-metric points below the teacher
-    max_size_mb: float | None = None
-    max_latency_ms: float | None = None  # re-measured batch-1 latency
-
-    def __post_init__(self):
-        for name in ("max_metric_drop", "max_size_mb", "max_latency_ms"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or \
-                    (v == 0 and name != "max_metric_drop"):
-                low = "≥ 0" if name == "max_metric_drop" else "> 0"
-                raise ConfigError(f"constraints.{name}: must be a number {low} or None, got {v!r}")
-
-    @classmethod
-    def from_spec(cls, spec: dict | None, **overrides) -> PromoteConstraints:
-        """The job spec's ``constraints`` section, with ``overrides`` that are not None on top."""
-        raw = dict((spec or {}).get("constraints") or {})
-        fields = {f.name for f in dataclasses.fields(cls)}
-        base = {k: v for k, v in raw.items() if k in fields}
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
-
-    def limits(self) -> dict:
-        """Keyword arguments of search.pareto.pick / closest."""
-        return {"max_metric_drop": self.max_metric_drop,
-                "max_size_bytes": None if self.max_size_mb is None else self.max_size_mb * 1e6,
-                "max_latency_ms": self.max_latency_ms}
-
-    def describe(self) -> str:
-        parts = [f"metric drop ≤ {self.max_metric_drop:g}" if self.max_metric_drop is not None else None,
-                 f"size ≤ {self.max_size_mb:g} MB" if self.max_size_mb is not None else None,
-                 f"batch-1 latency ≤ {self.max_latency_ms:g} ms" if self.max_latency_ms is not None else None]
-        return ", ".join(p for p in parts if p) or "no limits"
-
-
-def _latency_settings(spec: dict) -> tuple[int, int]:
-    """(seq_len, runs) as the job measured its trials: latency.seq_len or task.max_length; ≥ MIN_RUNS runs."""
-    latency = (spec or {}).get("latency") or {}
-    task = (spec or {}).get("task") or {}
-    seq_len = latency.get("seq_len") or task.get("max_length") or 128  # 128: TaskConfig's default max_length
-    return int(seq_len), max(MIN_RUNS, int(latency.get("runs") or MIN_RUNS))
 
 
 def remeasure(store, job_id: str, trials: list[dict], *, seq_len: int, runs: int = MIN_RUNS) -> tuple[dict, dict]:
@@ -125,7 +75,7 @@ def _brief(r: dict) -> str:
             f"{num(r.get('latency_ms_b1'), '.2f')} ms)")
 
 
-def _choose(job_id: str, rows: list[dict], constraints: PromoteConstraints, unusable: dict) -> dict:
+def _choose(job_id: str, rows: list[dict], constraints: Constraints, unusable: dict) -> dict:
     from search.pareto import closest, pick
 
     chosen = pick(rows, **constraints.limits(), minimize="latency_ms_b1")
@@ -138,7 +88,7 @@ def _choose(job_id: str, rows: list[dict], constraints: PromoteConstraints, unus
                       f"--max-size-mb, --max-latency-ms) or pick one with --trial ID")
 
 
-def promote(job_id: str, constraints: PromoteConstraints | None = None, *, trial: str | None = None, store=None,
+def promote(job_id: str, constraints: Constraints | None = None, *, trial: str | None = None, store=None,
             who: str | None = None, route_prefix: str = "/", port: int = 8000, name: str = "slimray",
             address: str | None = None, detached: bool = False) -> dict:
     """Serve the best model of ``job_id`` (or ``trial``) and record the deployment; returns what was done.
@@ -153,11 +103,11 @@ def promote(job_id: str, constraints: PromoteConstraints | None = None, *, trial
     loopback_env(local_head=detached and not (address or os.environ.get("RAY_ADDRESS")))
     store = store or open_store()
     job = store.get_job(job_id)
-    spec, baseline = job.get("spec") or {}, job.get("baseline") or {}
+    spec, baseline = from_stored(job["spec"]), job.get("baseline") or {}
     if constraints is None:
-        constraints = PromoteConstraints.from_spec(spec)
-    elif not isinstance(constraints, PromoteConstraints):
-        raise ConfigError(f"constraints: must be a PromoteConstraints, got {type(constraints).__name__}")
+        constraints = spec.constraints
+    elif not isinstance(constraints, Constraints):
+        raise ConfigError(f"constraints: must be a Constraints, got {type(constraints).__name__}")
     trials = store.trials(job_id)
     front = [t for t in trials if t["on_front"]]
     if trial is not None:
@@ -173,8 +123,8 @@ def promote(job_id: str, constraints: PromoteConstraints | None = None, *, trial
         raise DeployError(f"job {job_id} has no Pareto front yet (status {job['status']}); wait for it to finish "
                           f"or pick a trial with --trial ID (see `slimray results {job_id}`)")
 
-    seq_len, runs = _latency_settings(spec)
-    measured, unusable = remeasure(store, job_id, front, seq_len=seq_len, runs=runs)
+    # timed as the job timed its trials, with enough runs to rank the front
+    measured, unusable = remeasure(store, job_id, front, seq_len=spec.seq_len, runs=max(MIN_RUNS, spec.latency.runs))
     rows = [{**t, "latency_ms_b1": measured[t["trial_id"]], "reported_latency_ms_b1": t.get("latency_ms_b1"),
              "metric_drop": _drop(t, baseline)} for t in front if t["trial_id"] in measured]
     if trial is not None:
@@ -188,7 +138,7 @@ def promote(job_id: str, constraints: PromoteConstraints | None = None, *, trial
                    detached=detached, front=rows)
 
 
-def _deploy(store, job_id: str, chosen: dict, baseline: dict, constraints: PromoteConstraints | None, *, who: str,
+def _deploy(store, job_id: str, chosen: dict, baseline: dict, constraints: Constraints | None, *, who: str,
             route_prefix: str, port: int, name: str, address: str | None, detached: bool, front: list[dict]) -> dict:
     from deploy import serve as serving
 
@@ -197,7 +147,7 @@ def _deploy(store, job_id: str, chosen: dict, baseline: dict, constraints: Promo
             "metric": chosen.get("metric"), "metric_drop": chosen.get("metric_drop"),
             "size_bytes": chosen.get("size_bytes"), "latency_ms_b1": chosen["latency_ms_b1"],
             "teacher": {k: baseline.get(k) for k in ("metric", "size_bytes", "latency_ms_b1", "uri")},
-            "constraints": dataclasses.asdict(constraints) if constraints else None}
+            "constraints": constraints.model_dump() if constraints else None}
     endpoint = serving.endpoint_url(port, route_prefix)
     previous = store.live_deployment()
     dep_id = store.record_deployment(job_id, tid, endpoint, who)

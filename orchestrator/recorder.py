@@ -23,7 +23,7 @@ class Recorder(Callback):
     retried each briefly) and are replayed with the next event; if some still cannot be written when the
     search ends, the job fails loudly instead of losing them."""
 
-    def __init__(self, db_url: str, job_id: str, base_config: dict):
+    def __init__(self, db_url: str, job_id: str, base_config=None):  # the job's TrialConfig defaults
         self.db_url, self.job_id, self.base_config = db_url, job_id, base_config
         self._store = None
         self._pending: list[tuple[str, tuple]] = []
@@ -69,9 +69,14 @@ class Recorder(Callback):
                              f"back")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        from orchestrator.trainable import trial_config
+        from common.errors import ConfigError
+        from search.adapters import to_trial_config, trial_config
 
-        self._write("trial_started", self.job_id, trial.trial_id, trial_config(trial.config, self.base_config))
+        try:
+            config = trial_config(trial.config, self.base_config).model_dump(mode="json", exclude_none=True)
+        except ConfigError:  # the trial fails on it and records why; keep the point as it was sampled
+            config = to_trial_config(trial.config)
+        self._write("trial_started", self.job_id, trial.trial_id, config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("final"):

@@ -8,11 +8,9 @@ __all__ = ["objectives_of", "normalised", "front_summary", "plot_front", "search
 
 
 def objectives_of(job: dict) -> list[tuple[str, str]]:
-    from orchestrator.spec import _objectives
+    from orchestrator.spec import from_stored
 
-    problems: list[str] = []
-    objs = _objectives((job.get("spec") or {}).get("objectives"), problems)
-    return [(o.name, o.mode) for o in objs]
+    return [(o.name, o.mode) for o in from_stored(job["spec"]).objectives]
 
 
 def normalised(trial: dict, objectives, baseline: dict) -> list[float]:

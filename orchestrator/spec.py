@@ -1,286 +1,201 @@
-"""The job spec: YAML in, frozen dataclasses out, every problem reported at once (one line each)."""
+"""The job spec: YAML in, one frozen pydantic model out, every problem reported at once (one line each).
+
+The CLI parses a spec once (:func:`load`) and the same :class:`JobSpec` object travels to the trials and to
+promotion. A spec stored with a job (:meth:`JobSpec.stored`) loads back with :func:`from_stored`, also when an
+earlier version of slimray wrote it.
+"""
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Optional
 
-from workers.configs import DistillConfig, TrainConfig
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from common.config import Float, Frozen, Int, Problems, Str
+from common.errors import SpecError
+from search.algorithms import SearchSettings
+from search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, Objectives
+from search.space import SearchSpace
+from workers.configs import DistillConfig, TeacherTrainConfig, TrainConfig
 from workers.data import TaskConfig
-from common.errors import ConfigError, SpecError
+from workers.teacher import DEFAULT_TEACHER
 
 __all__ = ["JobSpec", "Objective", "Constraints", "Budget", "Resources", "LatencySettings", "Storage",
-           "load", "parse", "KNOWN_OBJECTIVES"]
+           "load", "parse", "from_stored", "KNOWN_OBJECTIVES"]
 
-KNOWN_OBJECTIVES = ("metric", "metric_drop", "size_bytes", "params", "latency_ms_b1", "latency_ms_b32",
-                    "train_seconds")
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str
-    mode: str  # max | min
+KNOWN_OBJECTIVES = OBJECTIVES
 
 
-@dataclass(frozen=True)
-class Constraints:
-    """What promotion requires of a model (and what the search's 'best' means)."""
+class Constraints(Frozen):
+    """What promotion requires of a model (and what the search's 'best' means). ``None`` lifts a limit; sizes
+    are in MB (10⁶ bytes)."""
 
-    max_metric_drop: float = 1.0
-    max_size_mb: float | None = None
-    max_latency_ms: float | None = None
+    _prefix: ClassVar[str] = "constraints"
 
-    def __post_init__(self):
-        if not isinstance(self.max_metric_drop, (int, float)) or self.max_metric_drop < 0:
-            raise ConfigError(f"constraints.max_metric_drop: must be a number ≥ 0, got {self.max_metric_drop!r}")
-        for name in ("max_size_mb", "max_latency_ms"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or v <= 0):
-                raise ConfigError(f"constraints.{name}: must be a number > 0 or null, got {v!r}")
+    max_metric_drop: Optional[Float] = Field(1.0, ge=0, description="task-metric points below the teacher")
+    max_size_mb: Optional[Float] = Field(None, gt=0, description="model size cap")
+    max_latency_ms: Optional[Float] = Field(None, gt=0, description="batch-1 latency cap (re-measured at "
+                                                                    "promotion)")
 
+    def override(self, **limits) -> Constraints:
+        """These constraints with the ``limits`` that are not None on top (validated)."""
+        return Constraints(**{**self.model_dump(), **{k: v for k, v in limits.items() if v is not None}})
 
-@dataclass(frozen=True)
-class Budget:
-    num_trials: int = 8
-    max_concurrent: int = 1
-    time_budget_s: float | None = None
-    max_failures: int = 1  # retries of a crashed trial (from its last checkpoint)
+    def limits(self) -> dict:
+        """Keyword arguments of search.pareto.pick / closest."""
+        return {"max_metric_drop": self.max_metric_drop,
+                "max_size_bytes": None if self.max_size_mb is None else self.max_size_mb * 1e6,
+                "max_latency_ms": self.max_latency_ms}
 
-    def __post_init__(self):
-        for name in ("num_trials", "max_concurrent"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"budget.{name}: must be an integer ≥ 1, got {v!r}")
-        if self.time_budget_s is not None and (not isinstance(self.time_budget_s, (int, float))
-                                               or self.time_budget_s <= 0):
-            raise ConfigError(f"budget.time_budget_s: must be a number > 0 or null, got {self.time_budget_s!r}")
-        if not isinstance(self.max_failures, int) or self.max_failures < 0:
-            raise ConfigError(f"budget.max_failures: must be an integer ≥ 0, got {self.max_failures!r}")
+    def describe(self) -> str:
+        parts = [f"metric drop ≤ {self.max_metric_drop:g}" if self.max_metric_drop is not None else None,
+                 f"size ≤ {self.max_size_mb:g} MB" if self.max_size_mb is not None else None,
+                 f"batch-1 latency ≤ {self.max_latency_ms:g} ms" if self.max_latency_ms is not None else None]
+        return ", ".join(p for p in parts if p) or "no limits"
 
 
-@dataclass(frozen=True)
-class Resources:
+class Budget(Frozen):
+    """How much searching."""
+
+    _prefix: ClassVar[str] = "budget"
+
+    num_trials: Int = Field(8, ge=1, description="trials sampled")
+    max_concurrent: Int = Field(1, ge=1, description="trials running at once")
+    time_budget_s: Optional[Float] = Field(None, gt=0, description="the search stops after this many seconds")
+    max_failures: Int = Field(1, ge=0, description="retries of a crashed trial (from its last checkpoint)")
+
+
+class Resources(Frozen):
     """Per trial. workers > 1 or gpus > 0 runs the trial on a Ray Train TorchTrainer; else in-process."""
 
-    cpus: float = 1
-    gpus: float = 0
-    workers: int = 1
+    _prefix: ClassVar[str] = "resources"
 
-    def __post_init__(self):
-        if not isinstance(self.cpus, (int, float)) or self.cpus <= 0:
-            raise ConfigError(f"resources.cpus: must be a number > 0, got {self.cpus!r}")
-        if not isinstance(self.gpus, (int, float)) or self.gpus < 0:
-            raise ConfigError(f"resources.gpus: must be a number ≥ 0, got {self.gpus!r}")
-        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
-            raise ConfigError(f"resources.workers: must be an integer ≥ 1, got {self.workers!r}")
+    cpus: Float = Field(1, gt=0, description="CPUs per trial (per worker when distributed)")
+    gpus: Float = Field(0, ge=0, description="GPUs per trial (per worker when distributed)")
+    workers: Int = Field(1, ge=1, description="data-parallel workers per trial")
 
     @property
     def distributed(self) -> bool:
         return self.workers > 1 or self.gpus > 0
 
 
-@dataclass(frozen=True)
-class LatencySettings:
-    threads: int = 1
-    runs: int = 20
-    seq_len: int | None = None  # default: task.max_length
+class LatencySettings(Frozen):
+    """How trials (and promotion) time a model."""
 
-    def __post_init__(self):
-        for name in ("threads", "runs"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"latency.{name}: must be an integer ≥ 1, got {v!r}")
-        if self.seq_len is not None and (not isinstance(self.seq_len, int) or not 1 <= self.seq_len <= 512):
-            raise ConfigError(f"latency.seq_len: must be an integer in [1, 512], got {self.seq_len!r}")
+    _prefix: ClassVar[str] = "latency"
+
+    threads: Int = Field(1, ge=1, description="torch threads while timing")
+    runs: Int = Field(20, ge=1, description="timed runs; the median is reported")
+    seq_len: Optional[Int] = Field(None, ge=1, le=512, description="tokens per timed row; default: task.max_length")
 
 
-@dataclass(frozen=True)
-class Storage:
-    db_url: str | None = None  # default: SLIMRAY_DB_URL, else SQLite under SLIMRAY_HOME
-    artifact_dir: str | None = None  # default: <SLIMRAY_HOME>/jobs; shared storage on a cluster
+class Storage(Frozen):
+    """Where results go."""
+
+    _prefix: ClassVar[str] = "storage"
+
+    db_url: Optional[Str] = Field(None, description="SQLAlchemy URL; default: SLIMRAY_DB_URL, else SQLite under "
+                                                    "SLIMRAY_HOME")
+    artifact_dir: Optional[Str] = Field(None, description="default: <SLIMRAY_HOME>/jobs; shared storage on a cluster")
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    name: str
-    teacher: str
-    task: TaskConfig
-    search: object  # search.space.SearchSpace
-    algorithm: object  # search.algorithms.SearchSettings (objectives included)
-    objectives: tuple[Objective, ...]
-    constraints: Constraints = field(default_factory=Constraints)
-    budget: Budget = field(default_factory=Budget)
-    resources: Resources = field(default_factory=Resources)
-    train: TrainConfig = field(default_factory=TrainConfig)  # trial defaults; the search space overrides
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5, epochs=1.0))
-    latency: LatencySettings = field(default_factory=LatencySettings)
-    storage: Storage = field(default_factory=Storage)
-    ray_address: str | None = None
-    raw: dict = field(default_factory=dict, compare=False, repr=False)  # the YAML as given, for the DB
+class JobSpec(Frozen):
+    """A search job: which teacher, which task, what to search, towards which objectives, under what limits."""
+
+    _error: ClassVar[type] = SpecError
+
+    name: Str = Field(description="letters, digits, '-', '_' or '.'; job ids start with it")
+    teacher: Str = Field(DEFAULT_TEACHER, min_length=1, description="a hub id, a local model directory or minilm")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    search: SearchSpace = Field(default_factory=SearchSpace)
+    algorithm: SearchSettings = Field(default_factory=SearchSettings)
+    objectives: Objectives = Field(DEFAULT_OBJECTIVES, description="1 to 3 of " + ", ".join(OBJECTIVES) +
+                                   ", each name:max or name:min")
+    constraints: Constraints = Field(default_factory=Constraints)
+    budget: Budget = Field(default_factory=Budget)
+    resources: Resources = Field(default_factory=Resources)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Trial defaults, run on the DeepSpeed "
+                                                                        "engine; the search space overrides them.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Trial defaults; the search space "
+                                                                              "overrides them.")
+    teacher_train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
+    latency: LatencySettings = Field(default_factory=LatencySettings)
+    storage: Storage = Field(default_factory=Storage)
+    ray_address: Optional[Str] = Field(None, description="a running cluster, like ray://host:10001 or auto; "
+                                                         "default: RAY_ADDRESS, else a local Ray")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_scheduler(cls, data):
+        # multi-objective ASHA unless the search has a single objective (then ASHA on that metric)
+        if not isinstance(data, dict) or not isinstance(data.get("algorithm", {}), dict):
+            return data
+        algorithm = data.get("algorithm") or {}
+        if "asha" not in algorithm:
+            objectives = data.get("objectives", DEFAULT_OBJECTIVES)
+            many = isinstance(objectives, (list, tuple)) and len(objectives) > 1
+            data = {**data, "algorithm": {**algorithm, "asha": "mo" if many else "metric"}}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip() or not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError(f"must be a non-empty string of letters, digits, '-', '_' or '.', got {value!r}")
+        return value
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_exists(cls, value: str, info: ValidationInfo) -> str:
+        # a stored spec loads even after its teacher directory is gone: results and promotion do not need it
+        if (info.context or {}).get("stored"):
+            return value
+        looks_local = value.startswith(("/", "./", "../", "~")) or value.count("/") > 1
+        if looks_local and not Path(value).expanduser().exists():
+            raise ValueError(f"local path {value} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        problems = []
+        algo = self.algorithm
+        if algo.asha == "metric":
+            for o in self.objectives:
+                if o.name == algo.asha_metric and o.mode != algo.asha_mode:
+                    problems.append(("algorithm.asha_mode", f"{algo.asha_mode} contradicts objective {o}; use the "
+                                                            "same direction"))
+        if problems:
+            raise Problems(*problems)
+        return self
 
     @property
     def seq_len(self) -> int:
+        """The sequence length trials and promotion time models at."""
         return self.latency.seq_len or self.task.max_length
 
-    def to_dict(self) -> dict:
-        """The spec as stored with the job: secrets (DB passwords) masked."""
+    def stored(self) -> dict:
+        """The spec as stored with the job (JSON-ready): secrets (DB passwords) masked."""
         from db import display_url
 
-        d = dict(self.raw)
-        if isinstance(d.get("storage"), dict) and d["storage"].get("db_url"):
-            d["storage"] = {**d["storage"], "db_url": display_url(d["storage"]["db_url"])}
+        d = self.model_dump(mode="json")
+        if d["storage"].get("db_url"):
+            d["storage"]["db_url"] = display_url(d["storage"]["db_url"])
         return d
-
-
-_SECTIONS = {"name", "teacher", "task", "search", "algorithm", "objectives", "constraints", "budget", "resources",
-             "train", "distill", "teacher_train", "latency", "storage", "ray_address"}
-
-
-def _section(typ, value, path: str, problems: list, defaults: dict | None = None):
-    """Build dataclass ``typ`` from ``value``, collecting one problem per bad field instead of stopping."""
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        problems.append(f"{path}: must be a mapping, got {type(value).__name__}")
-        return None
-    names = {f.name for f in dataclasses.fields(typ)}
-    value = {**(defaults or {}), **value}
-    bad = False
-    for key in sorted(set(value) - names, key=str):
-        problems.append(f"{path}.{key}: unknown key; allowed: {', '.join(sorted(names))}")
-        bad = True
-    good = {k: v for k, v in value.items() if k in names}
-    for key, v in good.items():  # each field alone, so every bad field gets its own line
-        try:
-            typ(**{**_required(typ, good), key: v})
-        except (ConfigError, TypeError, ValueError) as err:
-            problems.append(_prefixed(err, f"{path}.{key}"))
-            bad = True
-    if bad:
-        return None
-    try:
-        return typ(**good)
-    except (ConfigError, TypeError, ValueError) as err:
-        problems.append(_prefixed(err, path, keep_own_path=True))
-        return None
-
-
-def _required(typ, given: dict) -> dict:
-    """Values for fields without defaults so a single field can be checked alone."""
-    out = {}
-    for f in dataclasses.fields(typ):
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            out[f.name] = given.get(f.name)
-    return out
-
-
-def _prefixed(err: Exception, path: str, *, keep_own_path: bool = False) -> str:
-    """``path: what is wrong``; a config's own field path is replaced (teacher_train reuses TrainConfig)."""
-    msg = str(err)
-    head, sep, rest = msg.partition(": ")
-    if sep and " " not in head:
-        return msg if keep_own_path else f"{path}: {rest}"
-    return f"{path}: {msg}"
-
-
-def _objectives(value, problems: list) -> tuple[Objective, ...]:
-    if value is None:
-        value = ["metric:max", "size_bytes:min", "latency_ms_b1:min"]
-    if not isinstance(value, list) or not value:
-        problems.append("objectives: must be a non-empty list like [metric:max, size_bytes:min]")
-        return ()
-    out = []
-    for i, item in enumerate(value):
-        if isinstance(item, dict) and len(item) == 1:
-            item = "{}:{}".format(*next(iter(item.items())))
-        if not isinstance(item, str) or item.count(":") != 1:
-            problems.append(f"objectives[{i}]: must be 'name:max' or 'name:min', got {item!r}")
-            continue
-        name, mode = (s.strip() for s in item.split(":"))
-        if name not in KNOWN_OBJECTIVES:
-            problems.append(f"objectives[{i}]: no trial reports {name!r}; use one of {', '.join(KNOWN_OBJECTIVES)}")
-        elif mode not in ("max", "min"):
-            problems.append(f"objectives[{i}]: mode must be max or min, got {mode!r}")
-        else:
-            out.append(Objective(name, mode))
-    if len({o.name for o in out}) != len(out):
-        problems.append("objectives: each objective may appear once")
-    if out and not 2 <= len(out) <= 3:
-        problems.append(f"objectives: give 2 or 3 objectives (a Pareto front needs ≥ 2), got {len(out)}")
-    return tuple(out)
-
-
-def _teacher(value, problems: list) -> str | None:
-    from workers.teacher import DEFAULT_TEACHER
-
-    if value is None:
-        return DEFAULT_TEACHER
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"teacher: must be a hub id, a local model directory or 'minilm', got {value!r}")
-        return None
-    looks_local = value.startswith(("/", "./", "../", "~")) or value.count("/") > 1
-    if looks_local and not Path(value).expanduser().exists():
-        problems.append(f"teacher: local path {value} does not exist")
-        return None
-    return value
 
 
 def parse(raw) -> JobSpec:
     """Validate a job spec given as a dict; raises SpecError listing every problem."""
-    from search.algorithms import SearchSettings
-    from search.space import SearchSpace
-
     if not isinstance(raw, dict):
         raise SpecError([f"job spec: must be a YAML mapping, got {type(raw).__name__}"])
-    problems: list[str] = []
-    for key in sorted(set(raw) - _SECTIONS, key=str):
-        problems.append(f"{key}: unknown key; allowed: {', '.join(sorted(_SECTIONS))}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or not all(c.isalnum() or c in "-_." for c in name):
-        problems.append(f"name: must be a non-empty string of letters, digits, '-', '_' or '.', got {name!r}")
-    teacher = _teacher(raw.get("teacher"), problems)
-    task = _section(TaskConfig, raw.get("task"), "task", problems)
-    search = None
-    try:
-        search = SearchSpace.from_dict(raw.get("search") or {})
-    except SpecError as err:
-        problems.extend(err.problems)
-    except ConfigError as err:
-        problems.append(str(err))
-    objectives = _objectives(raw.get("objectives"), problems)
-    algorithm = None
-    algo_raw = raw.get("algorithm") or {}
-    if isinstance(algo_raw, dict) and "name" in algo_raw:  # `algorithm: {name: tpe}` reads better in YAML
-        algo_raw = {("algorithm" if k == "name" else k): v for k, v in algo_raw.items()}
-    if not isinstance(algo_raw, dict):
-        problems.append("algorithm: must be a mapping")
-    elif objectives:
-        try:
-            algorithm = SearchSettings.from_dict({**algo_raw, "objectives": [(o.name, o.mode) for o in objectives]})
-        except SpecError as err:
-            problems.extend(p if p.startswith("algorithm") else f"algorithm.{p}" for p in err.problems)
-        except ConfigError as err:
-            problems.append(_prefixed(err, "algorithm"))
-    sections = {
-        "constraints": _section(Constraints, raw.get("constraints"), "constraints", problems),
-        "budget": _section(Budget, raw.get("budget"), "budget", problems),
-        "resources": _section(Resources, raw.get("resources"), "resources", problems),
-        "train": _section(TrainConfig, raw.get("train"), "train", problems),
-        "distill": _section(DistillConfig, raw.get("distill"), "distill", problems),
-        "teacher_train": _section(TrainConfig, raw.get("teacher_train"), "teacher_train", problems,
-                                  defaults={"lr": 5e-5}),
-        "latency": _section(LatencySettings, raw.get("latency"), "latency", problems),
-        "storage": _section(Storage, raw.get("storage"), "storage", problems),
-    }
-    address = raw.get("ray_address")
-    if address is not None and not isinstance(address, str):
-        problems.append(f"ray_address: must be a string like ray://host:10001 or auto, got {address!r}")
-    if problems:
-        raise SpecError(problems)
-    return JobSpec(name=name, teacher=teacher, task=task, search=search, algorithm=algorithm,
-                   objectives=objectives, ray_address=address, raw=raw, **sections)
+    return JobSpec.model_validate(raw)
+
+
+def from_stored(d: dict) -> JobSpec:
+    """A spec as a job stored it (this version's :meth:`JobSpec.stored` or an earlier version's YAML)."""
+    if not isinstance(d, dict):
+        raise SpecError([f"stored job spec: must be a mapping, got {type(d).__name__}"])
+    return JobSpec.model_validate(d, context={"stored": True})
 
 
 def load(path: str | os.PathLike) -> JobSpec:

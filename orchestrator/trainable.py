@@ -13,59 +13,44 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TrialSettings", "run_trial", "trial_config"]
+from common.config import Frozen
+from orchestrator.spec import JobSpec
+from workers.configs import TrialConfig
+
+__all__ = ["TrialSettings", "run_trial"]
 
 
-@dataclass(frozen=True)
-class TrialSettings:
-    """What every trial of a job shares besides the big arrays (those travel through the object store)."""
+class TrialSettings(Frozen):
+    """What every trial of a job shares besides the big arrays (those travel through the object store): the
+    parsed job spec, and where this job's trials go."""
 
+    spec: JobSpec
     job_id: str
-    base: dict  # trial-config defaults from the spec (train, distill); the sampled point overrides them
     out_root: str  # artifacts: <out_root>/<trial_id>
-    metric: str
-    seq_len: int
-    latency_threads: int = 1
-    latency_runs: int = 20
-    workers: int = 1
-    cpus: float = 1
-    gpus: float = 0
-    checkpoint_every: int = 0
-    provenance: dict = field(default_factory=dict)
+    provenance: dict  # what every artifact records: job, dataset, task, code version
 
     @property
-    def distributed(self) -> bool:
-        return self.workers > 1 or self.gpus > 0
+    def base(self) -> TrialConfig:
+        """The spec's trial defaults; a sampled point overrides them."""
+        return TrialConfig(train=self.spec.train, distill=self.spec.distill)
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    for k, v in over.items():
-        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def trial_config(flat: dict, base: dict) -> dict:
-    """The full nested trial config for Tune's flat sampled ``flat`` on top of the spec's defaults."""
-    from search.space import to_trial_config
-
-    return _merge(base, to_trial_config(flat))
-
-
-def _context(cfg_dict: dict, bundle: dict, settings: TrialSettings, trial_id: str, report, *, is_chief=True):
+def _context(bundle: dict, settings: TrialSettings, trial_id: str, report, *, is_chief=True):
     from workers.trial import TrialContext
 
+    spec = settings.spec
+    every = spec.train.eval_every
     ckpt = Path(tempfile.mkdtemp(prefix=f"slimray-ckpt-{trial_id}-"))
     return TrialContext(
         teacher_uri=bundle["teacher_uri"], teacher_metrics=bundle["teacher_metrics"], train=bundle["train"],
-        eval=bundle["eval"], teacher_logits=bundle["logits"], metric=settings.metric,
-        out_dir=str(Path(settings.out_root) / trial_id), seq_len=settings.seq_len,
-        latency_threads=settings.latency_threads, latency_runs=settings.latency_runs, report=report,
-        checkpoint_dir=str(ckpt) if settings.checkpoint_every else None, checkpoint_every=settings.checkpoint_every,
+        eval=bundle["eval"], teacher_logits=bundle["logits"], metric=spec.task.metric,
+        out_dir=str(Path(settings.out_root) / trial_id), seq_len=spec.seq_len,
+        latency_threads=spec.latency.threads, latency_runs=spec.latency.runs, report=report,
+        checkpoint_dir=str(ckpt) if every else None, checkpoint_every=every,
         provenance={**settings.provenance, "trial_id": trial_id}, is_chief=is_chief,
+        max_size_bytes=spec.constraints.limits()["max_size_bytes"],
     )
 
 
@@ -87,17 +72,17 @@ def _final(result: dict) -> dict:
 
 
 def run_trial(config: dict, shared: dict, settings: TrialSettings) -> None:
-    """Tune function trainable: builds the trial config and runs the recipe with the launcher it needs."""
+    """Tune function trainable: Tune's flat sampled ``config`` becomes a TrialConfig here, at the boundary (a
+    bad point fails before any model work), and the recipe runs with the launcher it needs."""
     import ray
     from ray import tune
 
-    from workers.configs import TrialConfig
+    from search.adapters import trial_config
 
-    cfg_dict = trial_config(config, settings.base)
-    TrialConfig.from_dict(cfg_dict)  # fail fast on a bad point, before any model work
+    cfg = trial_config(config, settings.base)
     trial_id = tune.get_context().get_trial_id() or "trial"
-    if settings.distributed:
-        _fit_with_train(cfg_dict, shared, settings, trial_id)
+    if settings.spec.resources.distributed:
+        _fit_with_train(cfg, shared, settings, trial_id)
         return
 
     from ray.tune import Checkpoint
@@ -109,10 +94,10 @@ def run_trial(config: dict, shared: dict, settings: TrialSettings) -> None:
     def report(metrics, checkpoint_dir):
         tune.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    ctx = _context(cfg_dict, bundle, settings, trial_id, report)
+    ctx = _context(bundle, settings, trial_id, report)
     _restore_checkpoint(tune.get_checkpoint(), ctx)
     try:
-        result = run(TrialConfig.from_dict(cfg_dict), ctx)
+        result = run(cfg, ctx)
     finally:
         if ctx.checkpoint_dir:
             shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
@@ -125,7 +110,6 @@ def _train_worker(loop_config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from workers.configs import TrialConfig
     from workers.trial import run
 
     settings: TrialSettings = loop_config["settings"]
@@ -136,25 +120,26 @@ def _train_worker(loop_config: dict) -> None:
     def report(metrics, checkpoint_dir):  # every rank calls it: ray.train.report is a barrier
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
 
-    ctx = _context(loop_config["trial"], bundle, settings, loop_config["trial_id"], report, is_chief=rank == 0)
+    ctx = _context(bundle, settings, loop_config["trial_id"], report, is_chief=rank == 0)
     _restore_checkpoint(ray.train.get_checkpoint(), ctx)
     os.environ.setdefault("LOCAL_RANK", str(ctx_train.get_local_rank()))
-    result = run(TrialConfig.from_dict(loop_config["trial"]), ctx)
+    result = run(loop_config["trial"], ctx)
     ray.train.report(_final(result) if rank == 0 else {"step": result.get("train_steps", 0)})
 
 
-def _fit_with_train(cfg_dict: dict, shared: dict, settings: TrialSettings, trial_id: str) -> None:
+def _fit_with_train(cfg: TrialConfig, shared: dict, settings: TrialSettings, trial_id: str) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     storage = Path(settings.out_root).parent / "train"
+    resources = settings.spec.resources
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"trial": cfg_dict, "shared": shared, "settings": settings, "trial_id": trial_id},
+        train_loop_config={"trial": cfg, "shared": shared, "settings": settings, "trial_id": trial_id},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.workers, use_gpu=settings.gpus > 0,
-            resources_per_worker={"CPU": settings.cpus, **({"GPU": settings.gpus} if settings.gpus else {})}),
+            num_workers=resources.workers, use_gpu=resources.gpus > 0,
+            resources_per_worker={"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus else {})}),
         run_config=ray.train.RunConfig(
             name=f"{trial_id}", storage_path=str(storage), callbacks=[TuneReportCallback()],
             # unplaceable workers would make Train retry forever without a limit

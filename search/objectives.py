@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, model_serializer, model_validator
 
 from common.config import Frozen, Problems
 
@@ -37,6 +37,10 @@ class Objective(Frozen):
         if data.get("mode") not in DIRECTIONS:
             raise ValueError(f"mode must be max or min, got {data.get('mode')!r}")
         return data
+
+    @model_serializer
+    def _short(self) -> str:
+        return str(self)
 
     def __str__(self) -> str:
         return f"{self.name}:{self.mode}"

@@ -230,7 +230,8 @@ def promotion_store(url: str, job_id: str, trials: list[dict], *, spec: dict | N
     from db import Store
 
     store = Store(url)
-    store.create_job(job_id, "tiny", spec or {"task": {"max_length": 32}, "latency": {"seq_len": 16}},
+    store.create_job(job_id, "tiny", spec or {"name": "tiny", "task": {"max_length": 32},
+                                              "latency": {"seq_len": 16}},
                      teacher="tiny-teacher", dataset="glue/sst2")
     store.set_job_baseline(job_id, baseline or {"metric": 90.0, "size_bytes": 10_000_000, "latency_ms_b1": 5.0,
                                                 "uri": "/nowhere/teacher"})

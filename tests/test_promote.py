@@ -83,31 +83,35 @@ def test_default_picks_lowest_remeasured_latency_within_one_point(store, deploye
 
 
 def test_looser_drop_takes_the_fastest(store, deployed):
-    from orchestrator.promote import PromoteConstraints, promote
+    from orchestrator.promote import promote
+    from orchestrator.spec import Constraints
 
-    assert promote(JOB, PromoteConstraints(max_metric_drop=3.0), store=store)["trial_id"] == "t_fast"
+    assert promote(JOB, Constraints(max_metric_drop=3.0), store=store)["trial_id"] == "t_fast"
 
 
 def test_size_cap_excludes_the_bigger_one(store, deployed):
-    from orchestrator.promote import PromoteConstraints, promote
+    from orchestrator.promote import promote
+    from orchestrator.spec import Constraints
 
-    out = promote(JOB, PromoteConstraints(max_metric_drop=1.0, max_size_mb=4.0), store=store)
+    out = promote(JOB, Constraints(max_metric_drop=1.0, max_size_mb=4.0), store=store)
     assert out["trial_id"] == "t_slow"  # t_mid is 5 MB
 
 
 def test_latency_cap_uses_remeasured_latency(store, deployed):
-    from orchestrator.promote import PromoteConstraints, promote
+    from orchestrator.promote import promote
+    from orchestrator.spec import Constraints
 
     # t_slow reported 0.01 ms but measures ~4 ms: under a 1.5 ms cap with drop ≤ 0.5 nothing qualifies.
     with pytest.raises(DeployError) as err:
-        promote(JOB, PromoteConstraints(max_metric_drop=0.5, max_latency_ms=1.5), store=store)
+        promote(JOB, Constraints(max_metric_drop=0.5, max_latency_ms=1.5), store=store)
     assert "t_slow" in str(err.value) and not deployed
 
 
 def test_job_spec_constraints_are_the_default(tmp_path, arts, deployed):
     from orchestrator.promote import promote
 
-    spec = {"task": {"max_length": 32}, "latency": {"seq_len": 16}, "constraints": {"max_metric_drop": 3.0}}
+    spec = {"name": "tiny", "task": {"max_length": 32}, "latency": {"seq_len": 16},
+            "constraints": {"max_metric_drop": 3.0}}
     s = promotion_store(f"sqlite:///{tmp_path}/spec.db", JOB, _trials(arts), spec=spec)
     assert promote(JOB, store=s)["trial_id"] == "t_fast"
 
@@ -124,10 +128,11 @@ def test_explicit_trial_bypasses_constraints(store, deployed, arts):
 
 
 def test_refusal_names_the_closest_in_one_line(store, deployed):
-    from orchestrator.promote import PromoteConstraints, promote
+    from orchestrator.promote import promote
+    from orchestrator.spec import Constraints
 
     with pytest.raises(DeployError) as err:
-        promote(JOB, PromoteConstraints(max_metric_drop=0.05, max_size_mb=2.0), store=store)
+        promote(JOB, Constraints(max_metric_drop=0.05, max_size_mb=2.0), store=store)
     msg = str(err.value)
     assert "\n" not in msg
     assert "metric drop ≤ 0.05, size ≤ 2 MB" in msg
@@ -139,10 +144,11 @@ def test_refusal_names_the_closest_in_one_line(store, deployed):
 
 def test_rows_replaced_then_failed_deploy_keeps_the_old_one_live(store, deployed, monkeypatch):
     from deploy import serve as serving
-    from orchestrator.promote import PromoteConstraints, promote
+    from orchestrator.promote import promote
+    from orchestrator.spec import Constraints
 
     first = promote(JOB, store=store)
-    second = promote(JOB, PromoteConstraints(max_metric_drop=3.0), store=store)
+    second = promote(JOB, Constraints(max_metric_drop=3.0), store=store)
     rows = {d["id"]: d for d in store.deployments(JOB)}
     assert rows[first["deployment_id"]]["status"] == "replaced"
     assert rows[second["deployment_id"]]["status"] == "live"
@@ -179,20 +185,22 @@ def test_no_front_is_refused(tmp_path, arts, deployed):
 
 
 def test_constraints_validate_and_merge_with_the_spec():
-    from orchestrator.promote import PromoteConstraints, _latency_settings
+    from orchestrator.spec import Constraints, from_stored
 
-    assert PromoteConstraints() == PromoteConstraints(1.0, None, None)
+    assert Constraints() == Constraints(max_metric_drop=1.0, max_size_mb=None, max_latency_ms=None)
     for bad in ({"max_metric_drop": -1}, {"max_size_mb": 0}, {"max_latency_ms": "fast"},
                 {"max_size_mb": float("nan")}, {"max_latency_ms": True}):
-        with pytest.raises(ConfigError, match=next(iter(bad))):
-            PromoteConstraints(**bad)
-    spec = {"constraints": {"max_metric_drop": 0.5, "max_size_mb": 20}}
-    c = PromoteConstraints.from_spec(spec, max_metric_drop=None, max_latency_ms=3.0)
-    assert c == PromoteConstraints(max_metric_drop=0.5, max_size_mb=20, max_latency_ms=3.0)
+        with pytest.raises(ConfigError, match="constraints." + next(iter(bad))):
+            Constraints(**bad)
+    spec = from_stored({"name": "j", "constraints": {"max_metric_drop": 0.5, "max_size_mb": 20}})
+    c = spec.constraints.override(max_metric_drop=None, max_latency_ms=3.0)
+    assert c == Constraints(max_metric_drop=0.5, max_size_mb=20, max_latency_ms=3.0)
     assert c.limits() == {"max_metric_drop": 0.5, "max_size_bytes": 20e6, "max_latency_ms": 3.0}
-    assert _latency_settings({"task": {"max_length": 64}}) == (64, 20)
-    assert _latency_settings({"task": {"max_length": 64}, "latency": {"seq_len": 16, "runs": 50}}) == (16, 50)
-    assert _latency_settings({}) == (128, 20)
+    with pytest.raises(ConfigError, match="constraints.max_size_mb: must be > 0"):
+        c.override(max_size_mb=-2)
+    # promotion times models as the job timed its trials
+    assert from_stored({"name": "j", "task": {"max_length": 64}}).seq_len == 64
+    assert from_stored({"name": "j", "task": {"max_length": 64}, "latency": {"seq_len": 16}}).seq_len == 16
 
 
 def test_cli_promote_prints_the_front_or_one_line_refusal(store, deployed, monkeypatch, tmp_path):

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 
 from search.adapters import to_trial_config
 from search.algorithms import SearchSettings, make, param_space_for
-from search.objectives import OBJECTIVES, Objective, Objectives
+from search.objectives import Objective, Objectives
 from search.space import SearchSpace
 from common.errors import SpecError
 

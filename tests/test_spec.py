@@ -1,11 +1,12 @@
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.spec import load, parse
+import json
+
+from orchestrator.spec import JobSpec, from_stored, load, parse
 from common.errors import SpecError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -62,8 +63,57 @@ def test_yaml_errors_are_spec_errors(tmp_path):
 
 def test_secrets_are_masked_in_stored_spec():
     spec = parse({"name": "x", "storage": {"db_url": "postgresql+psycopg://u:hunter2@db/slim"}})
-    assert "hunter2" not in str(spec.to_dict())
+    assert "hunter2" not in json.dumps(spec.stored())
     assert spec.storage.db_url.endswith("hunter2@db/slim")
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo-sst2.yaml", "mrpc-minilm.yaml"])
+def test_specs_round_trip_through_json(name):
+    spec = load(EXAMPLES / name)
+    text = json.dumps(spec.model_dump(mode="json"))
+    assert JobSpec.model_validate(json.loads(text)) == spec
+    assert JobSpec.model_validate_json(text) == spec
+    assert from_stored(json.loads(json.dumps(spec.stored()))) == spec
+
+
+def test_spec_stored_by_an_earlier_version_loads(tmp_path):
+    old = {"name": "old", "teacher": str(tmp_path / "gone"),  # its teacher directory was deleted since
+           "task": {"dataset": "glue/sst2", "max_length": 64},
+           "search": {"prune": {"kind": ["none", "heads"], "sparsity": 0.5}},
+           "algorithm": {"name": "tpe", "asha": True, "max_t": 8},
+           "objectives": ["metric:max", "size_bytes:min"],
+           "constraints": {"max_metric_drop": 2.0}, "teacher_train": {"lr": 5e-5, "epochs": 2}}
+    spec = from_stored(old)
+    assert spec.algorithm.asha == "metric" and spec.algorithm.max_t == 8 and spec.seq_len == 64
+    assert spec.constraints.max_metric_drop == 2.0 and spec.teacher_train.epochs == 2
+    assert from_stored({**old, "algorithm": {"algorithm": "random", "asha": False}}).algorithm.asha == "none"
+    with pytest.raises(SpecError, match="teacher: local path"):
+        parse(old)  # a new submission still needs its teacher
+
+
+def test_scheduler_defaults_to_mo_asha_with_several_objectives():
+    assert parse({"name": "x"}).algorithm.asha == "mo"
+    assert parse({"name": "x", "objectives": ["metric:max"]}).algorithm.asha == "metric"
+    assert parse({"name": "x", "algorithm": {"asha": "none"}}).algorithm.asha == "none"
+    with pytest.raises(SpecError, match="algorithm.asha_mode: min contradicts objective metric:max"):
+        parse({"name": "x", "algorithm": {"asha": "metric", "asha_mode": "min"}})
+
+
+def test_unknown_keys_are_errors_at_every_level():
+    with pytest.raises(SpecError) as info:
+        parse({"name": "x", "colour": 1, "train": {"speed": 2}, "algorithm": {"bogus": 3},
+               "search": {"prune": {"amount": 0.5}}, "constraints": {"max_size": 4}})
+    lines = info.value.problems
+    for start in ("colour: unknown key", "train.speed: unknown key", "algorithm.bogus: unknown key",
+                  "search.prune.amount: unknown key", "constraints.max_size: unknown key"):
+        assert any(p.startswith(start) for p in lines), (start, lines)
+    assert len(lines) == 5
+
+
+def test_teacher_train_has_its_own_defaults():
+    spec = parse({"name": "x", "teacher_train": {"train_size": 500, "seeds": [0, 1, 2]}})
+    assert spec.teacher_train.lr == 5e-5 and spec.teacher_train.train_size == 500
+    assert spec.teacher_train.seeds == (0, 1, 2) and spec.train.group_by_length is True
 
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10 ** 6), st.floats(allow_nan=True),
@@ -94,3 +144,24 @@ def test_random_yaml_text(tmp_path_factory, text):
         load(p)
     except SpecError:
         pass
+
+
+def test_configuration_reference_is_generated_from_the_schema():
+    from orchestrator.schema_doc import render
+
+    committed = (EXAMPLES.parent / "docs" / "configuration.md").read_text()
+    assert committed == render(), "docs/configuration.md is stale: run `make docs`"
+    assert "| `train.lr` | peak learning rate: a number in (0, 1) |" in committed  # search bounds from the configs
+
+
+def test_cli_prints_the_schema_and_checks_a_spec():
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    out = CliRunner().invoke(app, ["spec", "schema"])
+    assert out.exit_code == 0, out.output
+    schema = json.loads(out.output)
+    assert schema["required"] == ["name"] and "teacher_train" in schema["properties"]
+    out = CliRunner().invoke(app, ["spec", "check", str(EXAMPLES / "tiny.yaml")])
+    assert out.exit_code == 0 and "valid job spec 'sst2-tiny'" in out.output
