@@ -510,30 +510,6 @@ def spec_check(spec: Path = typer.Argument(..., help="job spec YAML")):
                   f"{parsed.budget.num_trials} trials, objectives {', '.join(map(str, parsed.objectives))})")
 
 
-spec_app = typer.Typer(help="the job spec", no_args_is_help=True)
-app.add_typer(spec_app, name="spec")
-
-
-@spec_app.command("schema")
-@_guard
-def spec_schema():
-    """Print the JSON Schema of a job spec (docs/configuration.md is generated from it)."""
-    from orchestrator.spec import JobSpec
-
-    typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
-
-
-@spec_app.command("check")
-@_guard
-def spec_check(spec: Path = typer.Argument(..., help="job spec YAML")):
-    """Validate a job spec without running it: every problem, one line each."""
-    from orchestrator.spec import load
-
-    parsed = load(spec)
-    console.print(f"{spec}: valid job spec {parsed.name!r} ({len(parsed.search.dims)} searched knobs, "
-                  f"{parsed.budget.num_trials} trials, objectives {', '.join(map(str, parsed.objectives))})")
-
-
 def main():  # pragma: no cover - console script entry
     app()
 
