@@ -209,6 +209,71 @@ def test_bad_settings_are_config_errors():
         _scheduler(reduction_factor=1)
 
 
+# --------------------------------------------------------------------------- objectives known before training
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tiny_teacher_dir, tiny_task_dir, tmp_path_factory):
+    from workers.configs import TrainConfig
+    from workers.data import TaskConfig, load
+    from workers.teacher import prepare
+
+    data = load(TaskConfig(dataset=str(tiny_task_dir), train_size=128, eval_size=64, max_length=32))
+    return prepare(str(tiny_teacher_dir), data, TrainConfig(lr=1e-3, epochs=1, batch_size=16),
+                   tmp_path_factory.mktemp("teachers"))
+
+
+def _context(t, out_dir, **kw):
+    from workers.trial import TrialContext
+
+    return TrialContext(teacher_uri=t.uri, teacher_metrics=t.metrics, train=t.train, eval=t.eval,
+                        teacher_logits=t.train_logits, metric="accuracy", out_dir=str(out_dir), seq_len=16,
+                        latency_runs=3, **kw)
+
+
+@pytest.mark.parametrize("compression", [
+    {"prune": {"kind": "heads", "sparsity": 0.5, "importance": "magnitude"}, "quant": {"mode": "dynamic"}},
+    {"prune": {"kind": "unstructured", "sparsity": 0.6}},
+    {"lowrank": {"ratio": 0.25}, "quant": {"mode": "int4", "group_size": 32}},
+])
+def test_every_report_carries_the_size_the_artifact_will_have(tiny_prepared, tmp_path, compression):
+    from workers.configs import TrialConfig
+    from workers.trial import run
+
+    cfg = TrialConfig.model_validate({"student": {"layers": 1}, **compression,
+                                      "train": {"max_steps": 6, "batch_size": 16, "eval_every": 2}})
+    reports = []
+    result = run(cfg, _context(tiny_prepared, tmp_path / "t", report=lambda m, c: reports.append(m)))
+    assert [r["step"] for r in reports] == [2, 4]
+    assert {r["size_bytes"] for r in reports} == {result["size_bytes"]}  # known from the first report, exact
+    assert all(r["latency_ms_b1"] > 0 for r in reports) and len({r["latency_ms_b1"] for r in reports}) == 1
+
+
+def test_a_config_over_the_size_limit_is_never_trained(tiny_prepared, tmp_path, monkeypatch):
+    import workers.distill
+    from workers.configs import TrialConfig
+    from workers.trial import run
+
+    trained = []
+    real = workers.distill.distill
+    monkeypatch.setattr(workers.distill, "distill", lambda *a, **kw: trained.append(1) or real(*a, **kw))
+    cfg = TrialConfig.model_validate({"student": {"layers": 2}, "train": {"max_steps": 4, "batch_size": 16,
+                                                                          "eval_every": 2}})
+    reports = []
+    limit = tiny_prepared.metrics["size_bytes"] / 2  # the uncompressed 2-layer student is the teacher's size
+    result = run(cfg, _context(tiny_prepared, tmp_path / "big", report=lambda m, c: reports.append(m),
+                               max_size_bytes=limit))
+    assert result["infeasible"] is True and result["train_steps"] == 0
+    assert result["size_bytes"] > limit and result["metric"] == 0.0
+    assert trained == [] and reports == [] and not (tmp_path / "big").exists()
+    assert "constraints.max_size_mb" in result["stopped_by"]
+
+    small = TrialConfig.model_validate({"student": {"layers": 1}, "quant": {"mode": "dynamic"},
+                                        "train": {"max_steps": 4, "batch_size": 16}})
+    result = run(small, _context(tiny_prepared, tmp_path / "small", max_size_bytes=limit))
+    assert trained == [1] and result["train_steps"] == 4 and "infeasible" not in result
+    assert result["size_bytes"] <= limit
+
+
 # --------------------------------------------------------------------------- a real Tune run
 
 @pytest.fixture(scope="module")

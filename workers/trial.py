@@ -40,6 +40,7 @@ class TrialContext:
     checkpoint_every: int = 0
     resume: bool = False
     provenance: dict = field(default_factory=dict)  # job id, dataset, ... written into the artifact
+    max_size_bytes: float | None = None  # the job's size limit: a config over it is never trained
 
 
 def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
@@ -63,6 +64,13 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
         student = prune(student, cfg.prune, data=ctx.train, teacher_logits=ctx.teacher_logits)
     if cfg.lowrank is not None:
         student = factorize(student, cfg.lowrank)
+    # size and batch-1 latency follow from the config alone: known before training, so the scheduler ranks on
+    # them from the first report and a config over the size limit is never trained
+    fixed = {}
+    if ctx.report is not None or ctx.max_size_bytes is not None:
+        fixed = fixed_objectives(student, cfg, ctx)
+        if ctx.max_size_bytes is not None and fixed["size_bytes"] > ctx.max_size_bytes:
+            return _infeasible(fixed, ctx, time.perf_counter() - t0)
 
     # 2. distillation (pruning schedule and fake-quant live inside it)
     if cfg.quant is not None:
@@ -75,7 +83,7 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
                 model.train()
                 saved = bool(ctx.checkpoint_dir and ctx.checkpoint_every and step % ctx.checkpoint_every == 0)
                 ctx.report({"step": step, "metric": m["metric"],
-                            "metric_drop": ctx.teacher_metrics["metric"] - m["metric"]},
+                            "metric_drop": ctx.teacher_metrics["metric"] - m["metric"], **fixed},
                            ctx.checkpoint_dir if saved else None)
         callbacks.append(evaluate_now)
     trained = distill(student, ctx.train, cfg.distill, cfg.train, teacher_logits=ctx.teacher_logits,
@@ -115,6 +123,43 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
     }
     artifacts.update_meta(info.uri, metrics=result)
     return result
+
+
+def fixed_objectives(student, cfg: TrialConfig, ctx: TrialContext) -> dict:
+    """``size_bytes`` and ``latency_ms_b1`` of the artifact this config will save, from the untrained (already
+    structurally compressed) student: a copy gets the final unstructured sparsity and the low-bit conversion,
+    is saved to a scratch directory exactly as the trial saves its artifact, and loaded back and timed. Shapes,
+    storage formats and the number of zeros are set by the config, so only the weights' values differ from the
+    trained model (mixed precision, which picks its bits by sensitivity, may differ by a few layers' bytes)."""
+    import copy
+    import tempfile
+
+    from workers import artifacts
+    from workers.configs import UnstructuredPrune
+    from workers.evaluate import latency_ms
+    from workers.prune import prune
+    from workers.quantize import prepare_qat, quantize
+
+    model = copy.deepcopy(student)
+    if isinstance(cfg.prune, UnstructuredPrune):
+        model = prune(model, cfg.prune.model_copy(update={"schedule": "oneshot"}))
+    if cfg.quant is not None:
+        model = quantize(prepare_qat(model, cfg.quant), cfg.quant, calibration=ctx.train)
+    with tempfile.TemporaryDirectory(prefix="slimray-size-") as scratch:
+        size = artifacts.save(model, None, scratch).size_bytes
+        loaded, _, _ = artifacts.load(scratch, with_tokenizer=False)
+    ms = latency_ms(loaded, batch=1, seq_len=ctx.seq_len, runs=ctx.latency_runs, threads=ctx.latency_threads)
+    return {"size_bytes": size, "latency_ms_b1": ms}
+
+
+def _infeasible(fixed: dict, ctx: TrialContext, seconds: float) -> dict:
+    """The one result of a config over the size limit. The searcher is told the worst task metric there is
+    (0, so the drop is the teacher's whole metric) next to the true size and latency: a point no feasible trial
+    loses to, which Optuna learns to avoid."""
+    return {**fixed, "infeasible": True, "metric": 0.0, "metric_drop": float(ctx.teacher_metrics["metric"]),
+            "train_steps": 0, "trial_seconds": seconds,
+            "stopped_by": f"infeasible: {fixed['size_bytes'] / 1e6:.3f} MB before training, over "
+                          f"constraints.max_size_mb {ctx.max_size_bytes / 1e6:g}"}
 
 
 def _bits(cfg: TrialConfig) -> float:
