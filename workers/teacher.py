@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from workers.configs import DistillConfig, TrainConfig
-from workers.data import Encoded, TaskData, encode
+from workers.data import Encoded, TaskData, encode, label_names
 from common.errors import ConfigError
 
 __all__ = ["Teacher", "prepare", "resolve_model", "DEFAULT_TEACHER", "MINILM_HUB_ID", "code_version"]
@@ -111,7 +111,8 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
     net.config.label2id = {n: i for i, n in enumerate(data.label_names)}
     tmp = out.with_name(out.name + ".tmp")
     artifacts.save(net, tok, tmp, meta={"role": "teacher", "source_model": model, "dataset": data.source,
-                                        "task": data.config.model_dump(mode="json"), "code_version": code_version()})
+                                        "task": data.config.model_dump(mode="json"), "code_version": code_version(),
+                                        "label_names": list(label_names(data.config.dataset, data.label_names))})
     loaded, _, _ = artifacts.load(tmp)
     metrics = measure(loaded, eval_enc, data.config.metric, seq_len=data.config.max_length,
                       threads=latency_threads, runs=latency_runs)
