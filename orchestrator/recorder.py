@@ -86,7 +86,10 @@ class Recorder(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = dict(trial.last_result or {})
-        if result.get("final"):
+        if result.get("infeasible"):  # never trained: its metric was the searcher's worst case, not a measurement
+            result = {k: v for k, v in result.items() if k not in ("metric", "metric_drop")}
+            self._write("trial_finished", self.job_id, trial.trial_id, "stopped_early", _clean(result))
+        elif result.get("final"):
             self._write("trial_finished", self.job_id, trial.trial_id, "terminated", _clean(result))
             if result.get("artifact_uri"):
                 self._write("add_artifact", self.job_id, trial.trial_id, result["artifact_uri"],

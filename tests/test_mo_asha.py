@@ -274,6 +274,24 @@ def test_a_config_over_the_size_limit_is_never_trained(tiny_prepared, tmp_path, 
     assert result["size_bytes"] <= limit
 
 
+def test_the_store_shows_an_infeasible_trial_as_stopped_without_a_metric(tmp_path):
+    from db import Store
+    from orchestrator.recorder import Recorder
+
+    store = Store(f"sqlite:///{tmp_path}/s.db")
+    store.create_job("j", "tiny", {}, teacher="t", dataset="d")
+    recorder = Recorder(store.url, "j", None)
+    trial = SimpleNamespace(trial_id="big", config={}, last_result={
+        "infeasible": True, "final": True, "metric": 0.0, "metric_drop": 90.0, "size_bytes": 9_000_000,
+        "latency_ms_b1": 3.0, "step": 0, "stopped_by": "infeasible: 9.000 MB before training, over ..."})
+    store.trial_started("j", "big", {"student": {"layers": 2}})
+    recorder.on_trial_complete(0, [trial], trial)
+    [row] = store.trials("j")
+    assert row["status"] == "stopped_early" and row["metric"] is None and row["size_bytes"] == 9_000_000
+    assert row["result"]["infeasible"] is True and row["result"]["stopped_by"].startswith("infeasible")
+    assert row["artifact_uri"] is None
+
+
 # --------------------------------------------------------------------------- a real Tune run
 
 @pytest.fixture(scope="module")
