@@ -175,7 +175,7 @@ def serving_throughput(port: int, models: dict, inputs: list, clients: int, dura
     from ray import serve
 
     from bench.serve import load
-    from deploy import serve as serving
+    from deploy import control
 
     def remove_baseline():
         if "baseline" in serve.status().applications:
@@ -187,7 +187,7 @@ def serving_throughput(port: int, models: dict, inputs: list, clients: int, dura
         if not live:
             # one baseline replica at a time: a rolling update would need a CPU for the old and the new one
             remove_baseline()
-            serving.deploy(uri, name="baseline", route_prefix="/baseline", port=port, ptq=ptq)
+            control.deploy(uri, name="baseline", route_prefix="/baseline", port=port, ptq=ptq)
             path = "/baseline/v1/predict"
         load(port, path, 4, 1.0, 0.0, inputs)  # warm the proxy and the replica
         r = load(port, path, clients, duration, warmup, inputs)
@@ -298,12 +298,10 @@ def run_task(task: str, spec_path: Path, args) -> dict:
     rows["half"] = {"size_bytes": artifacts.info(half).size_bytes, **quality(models["half"], enc, metric),
                     "kd_steps": kd_steps}
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR")
     from common.ports import free_port
+    from common.raylink import connect
+
+    connect(num_cpus=max(2, os.cpu_count() or 2))
 
     port = free_port()
     print("promoting the job's best model", flush=True)

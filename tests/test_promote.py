@@ -1,6 +1,6 @@
 """promote(): the constrained pick over a re-measured front, explicit trials, refusals, deployment rows.
 
-No Ray here: ``deploy.serve.deploy`` is replaced by a recorder (tests/test_serve.py deploys for real). The
+No Ray here: ``deploy.control.deploy`` is replaced by a recorder (tests/test_serve.py deploys for real). The
 store is filled by hand, but every trial points to a real tiny artifact, so the latencies are re-measured
 for real: 1 layer × 32 wide (fast), 2 × 128 (mid, ~2× slower), 4 × 256 (slow, ~10× slower).
 """
@@ -49,15 +49,15 @@ def store(tmp_path, arts):
 @pytest.fixture
 def deployed(monkeypatch):
     """Replaces the real deploy: records each call and answers like it."""
-    from deploy import serve as serving
+    from deploy import control
 
     calls = []
 
     def fake_deploy(artifact_uri, **kw):
         calls.append({"artifact_uri": artifact_uri, **kw})
-        return serving.endpoint_url(kw.get("port", 8000), kw.get("route_prefix", "/"))
+        return control.endpoint_url(kw.get("port", 8000), kw.get("route_prefix", "/"))
 
-    monkeypatch.setattr(serving, "deploy", fake_deploy)
+    monkeypatch.setattr(control, "deploy", fake_deploy)
     return calls
 
 
@@ -143,7 +143,7 @@ def test_refusal_names_the_closest_in_one_line(store, deployed):
 
 
 def test_rows_replaced_then_failed_deploy_keeps_the_old_one_live(store, deployed, monkeypatch):
-    from deploy import serve as serving
+    from deploy import control
     from orchestrator.promote import promote
     from orchestrator.spec import Constraints
 
@@ -156,7 +156,7 @@ def test_rows_replaced_then_failed_deploy_keeps_the_old_one_live(store, deployed
     def broken(artifact_uri, **kw):
         raise RuntimeError("replica constructor failed\nlong traceback")
 
-    monkeypatch.setattr(serving, "deploy", broken)
+    monkeypatch.setattr(control, "deploy", broken)
     with pytest.raises(DeployError, match="promoting trial t_slow of job .* failed: replica constructor failed$"):
         promote(JOB, trial="t_slow", store=store)
     rows = store.deployments(JOB)
@@ -225,27 +225,3 @@ def test_cli_promote_prints_the_front_or_one_line_refusal(store, deployed, monke
     res = runner.invoke(app, ["promote", JOB, "--trial", "t_slow", "--route-prefix", "/sst2"])
     assert res.exit_code == 0, res.output
     assert store.live_deployment()["endpoint"] == "http://127.0.0.1:8000/sst2"
-
-
-def test_local_head_is_found_only_while_it_listens(tmp_path, monkeypatch):
-    import socket
-
-    import orchestrator.promote as promote_mod
-
-    monkeypatch.setenv("SLIMRAY_HOME", str(tmp_path))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    head = promote_mod._head_dir()
-    assert head.name.startswith("slimray-ray-") and len(str(head)) < 40  # Ray's sockets live below it
-    assert promote_mod.local_head_address() is None
-    head.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        address = f"127.0.0.1:{server.getsockname()[1]}"
-        (head / "ray_current_cluster").write_text(address)
-        assert promote_mod.local_head_address() == address
-    assert promote_mod.local_head_address() is None  # recorded, but nothing listens any more
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
-    assert promote_mod.local_head_address() == "10.0.0.9:6379"
-    (head / "ray_current_cluster").unlink()
-    head.rmdir()

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from workers.configs import TrialConfig
-from workers.data import Encoded
+from workers.data import Encoded, label_names
 
 __all__ = ["TrialContext", "run"]
 
@@ -99,7 +99,7 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
 
     # 4. save, then measure the artifact as it will be served
     meta = {"role": "student", "trial_config": cfg.model_dump(mode="json", exclude_none=True),
-            "teacher": ctx.teacher_uri, **ctx.provenance}
+            "teacher": ctx.teacher_uri, "label_names": _label_names(student, ctx.provenance), **ctx.provenance}
     info = artifacts.save(student, tokenizer, ctx.out_dir, meta=meta)
     loaded, _, _ = artifacts.load(info.uri)
     m = measure(loaded, ctx.eval, ctx.metric, seq_len=ctx.seq_len, threads=ctx.latency_threads,
@@ -123,6 +123,12 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
     }
     artifacts.update_meta(info.uri, metrics=result)
     return result
+
+
+def _label_names(model, provenance: dict) -> list[str]:
+    """The dataset's names of the model's classes: the endpoint answers with them."""
+    values = [model.config.id2label.get(i, str(i)) for i in range(model.config.num_labels)]
+    return list(label_names(str((provenance.get("task") or {}).get("dataset", "")), values))
 
 
 def fixed_objectives(student, cfg: TrialConfig, ctx: TrialContext) -> dict:
