@@ -14,8 +14,9 @@ from pathlib import Path
 from orchestrator.spec import JobSpec, from_stored
 from common.errors import SlimrayError
 from common.paths import home, open_store
+from common.raylink import connect
 
-__all__ = ["submit", "resume", "cancel", "new_job_id", "connect_ray", "compute_front"]
+__all__ = ["submit", "resume", "cancel", "new_job_id", "compute_front"]
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +28,6 @@ def new_job_id(name: str) -> str:
 def _artifact_root(spec: JobSpec, job_id: str) -> Path:
     root = Path(spec.storage.artifact_dir).expanduser() if spec.storage.artifact_dir else home() / "jobs"
     return (root / job_id).resolve()
-
-
-def connect_ray(address: str | None = None, *, dashboard: bool = False, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or RAY_ADDRESS) when given, else start the embedded local Ray on loopback."""
-    # read by Ray at import time: keeps every node on 127.0.0.1 (docs/architecture.md)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
 
 
 def _prepare_teacher(spec: JobSpec, cache_dir: Path) -> dict:
@@ -131,7 +115,7 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Trials take seconds to minutes: save the search state often so a killed driver loses little.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    connect_ray(spec.ray_address, dashboard=spec.resources.distributed)
+    connect(spec.ray_address, dashboard=spec.resources.distributed)
     store.set_job_status(job_id, "running")
     store.set_job_tune_path(job_id, str(root / "tune"))
     try:
