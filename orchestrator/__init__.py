@@ -8,11 +8,7 @@ Importing this package starts nothing: Ray, torch and DeepSpeed load inside the 
 """
 from __future__ import annotations
 
-import os as _os
-
-# Ray reads these when it is imported: slimray keeps Ray on loopback and quiet unless the user says otherwise.
-_os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-_os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import common.raylink  # noqa: F401  (Ray's loopback environment, set before anything imports Ray)
 
 __all__ = ["submit", "resume", "cancel", "promote", "load_spec", "parse_spec", "JobSpec"]
 
