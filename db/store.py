@@ -214,6 +214,7 @@ class Store:
             row = {"trial_pk": trial.id, "uri": str(uri), "bytes": int(bytes), "sha256": sha256,
                    "created_at": utcnow()}
             s.execute(_upsert(s, Artifact, row, keys=("trial_pk",), update=("uri", "bytes", "sha256")))
+            trial.artifact_deleted = False  # written again (a rerun trial): its files exist once more
 
     @retrying
     def trials(self, job_id: str, status: Optional[str] = None) -> list[dict[str, Any]]:
@@ -253,6 +254,21 @@ class Store:
     def set_remeasured_latency(self, job_id: str, trial_id: str, ms: float) -> None:
         with self._session() as s:
             _trial(s, job_id, trial_id).remeasured_latency_ms_b1 = number(ms, float)
+
+    @retrying
+    def set_artifacts_deleted(self, job_id: str, trial_ids: Iterable[str]) -> None:
+        """Mark the artifacts of ``trial_ids`` as deleted by `slimray gc`; their rows and metrics stay."""
+        wanted = set(trial_ids)
+        if not wanted:
+            return
+        with self._session() as s:
+            _job(s, job_id)
+            trials = s.scalars(select(Trial).where(Trial.job_id == job_id, Trial.trial_id.in_(wanted))).all()
+            missing = wanted - {trial.trial_id for trial in trials}
+            if missing:
+                raise StoreError(f"job '{job_id}' has no trial {', '.join(map(repr, sorted(missing)))}")
+            for trial in trials:
+                trial.artifact_deleted = True
 
     # -- deployments --------------------------------------------------------
 

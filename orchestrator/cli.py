@@ -287,6 +287,20 @@ def cancel(job: str):
     console.print(f"job {job} marked cancelled")
 
 
+@app.command("gc")
+@_guard
+def gc_cmd(job: str, keep_top: int = typer.Option(3, "--keep-top", help="also keep the K best trials by metric"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed, remove nothing")):
+    """Delete the artifacts of a job's trials that are neither on its Pareto front nor in its top K by metric
+    (nor serving); their rows stay, marked artifact deleted."""
+    from orchestrator.retention import gc
+
+    done = gc(job, keep_top=keep_top, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"job {job}: {verb} {len(done.deleted)} artifact(s), {done.freed_bytes / 1e6:.1f} MB; kept "
+                  f"{len(done.kept)} ({', '.join(done.kept) or 'none'})")
+
+
 @app.command()
 @_guard
 def demo(spec: Path = typer.Option(Path("examples/demo-sst2.yaml"), help="the demo job spec"),

@@ -36,6 +36,9 @@ def remeasure(store, job_id: str, trials: list[dict], *, seq_len: int, runs: int
         if not t.get("artifact_uri"):
             unusable[tid] = "no artifact recorded"
             continue
+        if t.get("artifact_deleted"):
+            unusable[tid] = "its artifact was removed by `slimray gc`"
+            continue
         try:
             model, _, _ = load(t["artifact_uri"], with_tokenizer=False)
         except (SlimrayError, OSError) as err:
@@ -103,6 +106,9 @@ def promote(job_id: str, constraints: Constraints | None = None, *, trial: str |
         explicit = next((t for t in trials if t["trial_id"] == trial), None)
         if explicit is None:
             raise DeployError(f"job {job_id} has no trial {trial!r}; see `slimray results {job_id}`")
+        if explicit.get("artifact_deleted"):
+            raise DeployError(f"trial {trial} of job {job_id} cannot be promoted: its artifact was removed by "
+                              f"`slimray gc`; pick a kept trial (see `slimray results {job_id}`)")
         if explicit["status"] == "error" or not explicit.get("artifact_uri"):
             raise DeployError(f"trial {trial} of job {job_id} has no model to serve (status {explicit['status']}, "
                               f"artifact {explicit.get('artifact_uri') or 'none'}); pick another with --trial")
