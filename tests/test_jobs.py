@@ -91,17 +91,32 @@ def test_driver_killed_mid_search_is_resumed_without_loss(tiny_teacher_dir, tmp_
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=log, stderr=log,
                             env={**env, "PYTHONPATH": os.getcwd()})
     store = Store(raw["storage"]["db_url"])
+    tune_dir = tmp_path / "jobs" / job_id / "tune"
+
+    def tune_saved_a_finished_trial() -> bool:
+        # Tune snapshots its state every few seconds (TUNE_GLOBAL_CHECKPOINT_S); resume restores the newest one
+        for path in tune_dir.glob("experiment_state-*.json"):
+            try:
+                states = [json.loads(state) for state, _ in json.loads(path.read_text())["trial_data"]]
+            except (OSError, ValueError, KeyError):
+                continue  # still being written
+            if any(state.get("status") == "TERMINATED" for state in states):
+                return True
+        return False
+
+    def first_trial_recorded_and_saved() -> bool:
+        try:
+            recorded = any(t["status"] == "terminated" for t in store.trials(job_id))
+        except Exception:  # the job row may not exist yet
+            return False
+        return recorded and tune_saved_a_finished_trial()
+
     deadline = time.time() + 300
     try:
-        while time.time() < deadline:
-            try:
-                if any(t["status"] == "terminated" for t in store.trials(job_id)):
-                    break
-            except Exception:
-                pass  # the job row may not exist yet
+        while not first_trial_recorded_and_saved():
+            assert time.time() < deadline, "no Tune snapshot recorded a finished trial within 300 s"
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-2000:]
             time.sleep(0.5)
-        time.sleep(3)  # let Tune save its state after the first trial
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
