@@ -30,16 +30,31 @@ def _artifact_root(spec: JobSpec, job_id: str) -> Path:
     return (root / job_id).resolve()
 
 
-def _prepare_teacher(spec: JobSpec, cache_dir: Path) -> dict:
-    """Runs as a Ray task so that, on a cluster, the teacher trains on a worker node, not the driver."""
+def teacher_cache_dir(spec: JobSpec) -> Path:
+    """Where prepared teachers are kept: shared by every job with the same artifact root."""
+    return _artifact_root(spec, "teachers")
+
+
+def prepare_teacher(spec: JobSpec, cache_dir: Path, *, progress=None, on_stage=None):
+    """(the job's teacher, its task data): fine-tuned on every training row, or ``teacher_train.train_size``
+    of them, while ``task.train_size`` limits only the students' rows; reused when already prepared."""
     from workers.data import load
     from workers.teacher import prepare
 
     data = load(spec.task)
-    t = prepare(spec.teacher, data, spec.teacher_train, cache_dir, latency_threads=spec.latency.threads,
-                latency_runs=spec.latency.runs)
+    size = spec.teacher_train.train_size
+    rows = data.train if size == spec.task.train_size else load(spec.task.model_copy(update={"train_size": size})).train
+    teacher = prepare(spec.teacher, data, spec.teacher_train, cache_dir, teacher_rows=rows,
+                      latency_threads=spec.latency.threads, latency_runs=spec.latency.runs, progress=progress,
+                      on_stage=on_stage)
+    return teacher, data
+
+
+def _prepare_teacher(spec: JobSpec, cache_dir: Path) -> dict:
+    """Runs as a Ray task so that, on a cluster, the teacher trains on a worker node, not the driver."""
+    t, data = prepare_teacher(spec, cache_dir)
     return {"teacher_uri": t.uri, "teacher_metrics": t.metrics, "train": t.train, "eval": t.eval,
-            "logits": t.train_logits, "dataset": data.source}
+            "logits": t.train_logits, "dataset": data.source, "teacher_key": t.key}
 
 
 def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, restore_path: str | None):
@@ -120,7 +135,7 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
     store.set_job_tune_path(job_id, str(root / "tune"))
     try:
         store.set_job_stage(job_id, "teacher")
-        cache = root.parent / "teachers"
+        cache = teacher_cache_dir(spec)
         # a trial's resources: Ray gives the task as many torch threads as CPUs, and nothing else runs yet
         prep = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(_prepare_teacher)
         bundle = ray.get(prep.remote(spec, cache))
