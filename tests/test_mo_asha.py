@@ -343,3 +343,39 @@ def test_tiny_tune_run_stops_some_trials_and_never_a_front_member(local_ray, tmp
         ids = list(recorded)
         seen = [recorded[i] for i in ids[:ids.index(trial_id) + 1]]
         assert len(seen) - 1 not in front(seen, ["max", "min", "min"]), (trial_id, steps[trial_id], seen)
+
+
+# --------------------------------------------------------------------------- a whole job
+
+@pytest.mark.slow
+def test_a_job_with_a_size_limit_trains_only_feasible_configs_and_ranks_on_size_from_the_start(
+        tiny_teacher_dir, tmp_path, local_ray):
+    from conftest import tiny_job
+    from db import Store
+    from orchestrator.jobs import submit
+    from orchestrator.retention import gc
+    from orchestrator.spec import parse
+
+    # the tiny teacher is ~0.57 MB in fp32: no fp32 student fits 0.3 MB, both int8 ones do
+    raw = tiny_job(tiny_teacher_dir, tmp_path, search={"student": {"layers": [1, 2]}, "prune": {"kind": "none"},
+                                                       "quant": {"mode": ["none", "dynamic"]}},
+                   algorithm={"name": "grid", "asha": "mo"}, budget={"num_trials": 1, "max_concurrent": 1},
+                   constraints={"max_size_mb": 0.3})
+    job_id = submit(parse(raw))
+    store = Store(raw["storage"]["db_url"])
+    trials = {(t["config"]["student"]["layers"], (t["config"].get("quant") or {}).get("mode", "none")): t
+              for t in store.trials(job_id)}
+    assert len(trials) == 4
+    for key, t in trials.items():
+        history = store.metric_history(job_id, t["trial_id"])
+        if key[1] == "none":  # over the limit: one report, no training, no artifact, no metric
+            assert t["status"] == "stopped_early" and t["result"]["infeasible"] is True, t
+            assert t["size_bytes"] > 0.3e6 and t["metric"] is None and t["artifact_uri"] is None
+            assert history == [] and not t["on_front"]
+        else:  # trained; size and latency rode along with every intermediate report
+            assert t["status"] in ("terminated", "stopped_early") and t["size_bytes"] <= 0.3e6
+            assert history and all(h["values"]["latency_ms_b1"] > 0 for h in history)
+            if t["status"] == "terminated":
+                assert {h["values"]["size_bytes"] for h in history} == {t["size_bytes"]}
+    kept = set(gc(job_id, keep_top=0, store=store).kept)
+    assert kept == {t["trial_id"] for t in trials.values() if t["on_front"]} and kept
