@@ -434,18 +434,18 @@ def serve_status(as_json: bool = typer.Option(False, "--json"),
                                "marked_stopped": {**live, "why": ended} if ended else None}, indent=2, default=str))
         return
     if not ray_address:
-        console.print(NO_RAY, highlight=False)
+        typer.echo(NO_RAY)
     elif not state["applications"]:
-        console.print(f"no Serve application is running on the Ray at {ray_address}", highlight=False)
+        typer.echo(f"no Serve application is running on the Ray at {ray_address}")
     for app_name, a in state["applications"].items():
-        console.print(f"{app_name}: {a.get('status')} at {a.get('endpoint') or a.get('route_prefix')} "
-                      f"{a.get('message') or ''}".rstrip(), highlight=False)
+        typer.echo(f"{app_name}: {a.get('status')} at {a.get('endpoint') or a.get('route_prefix')} "
+                   f"{a.get('message') or ''}".rstrip())
     if ended:
-        console.print(f"the store listed job {live['job_id']}, trial {live['trial_id']} as live at "
-                      f"{live['endpoint']}, but {ended}: marked it stopped", highlight=False)
+        typer.echo(f"the store listed job {live['job_id']}, trial {live['trial_id']} as live at "
+                   f"{live['endpoint']}, but {ended}: marked it stopped")
     elif live:
-        console.print(f"live: job {live['job_id']}, trial {live['trial_id']} at {live['endpoint']} "
-                      f"(since {live['created_at']}, by {live['who']})", highlight=False)
+        typer.echo(f"live: job {live['job_id']}, trial {live['trial_id']} at {live['endpoint']} "
+                   f"(since {live['created_at']}, by {live['who']})")
 
 
 @serve_app.command("stop")
@@ -465,10 +465,10 @@ def serve_stop(name: str = typer.Option("slimray", help="the application to remo
     what = f"; the store's live deployment (job {live['job_id']}, trial {live['trial_id']}) is marked stopped" \
         if ended else ""
     if stopped:
-        console.print(f"stopped {'Serve' if all_apps else name} on the Ray at {ray_address}{what}", highlight=False)
+        typer.echo(f"stopped {'Serve' if all_apps else name} on the Ray at {ray_address}{what}")
         return
     why = NO_RAY if not ray_address else f"no Serve application {name!r} on the Ray at {ray_address}"
-    console.print(f"{why}; nothing to stop{what}", highlight=False)
+    typer.echo(f"{why}; nothing to stop{what}")
     raise typer.Exit(1)
 
 
