@@ -120,6 +120,10 @@ def head_dir() -> Path:
 def _join(address: str) -> None:
     import ray
 
+    # Ray retries an address where nothing listens for minutes; a plain host:port is checked first
+    if address not in ("auto", "local") and "://" not in address and not _listening(address):
+        raise SlimrayError(f"cannot join the Ray cluster at {address}: nothing listens there; is it running? "
+                           f"give another with --address or RAY_ADDRESS")
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError) as err:  # Ray's own message spans a screen

@@ -54,8 +54,9 @@ def test_local_head_is_found_only_while_it_listens(home, monkeypatch):
 
 def _cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     """`slimray ARGS` in a fresh process (no Ray imported, none connected), as a user runs it."""
+    # wide: an error line is one line however long, as it would be in a wide terminal
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env or dict(os.environ))
+                          timeout=timeout, cwd=REPO, env={**(env or os.environ), "COLUMNS": "400"})
 
 
 def test_serve_commands_without_a_cluster_say_so_in_one_line(home):
@@ -79,6 +80,7 @@ def test_an_unreachable_address_is_one_line_not_a_traceback(home):
     assert out.returncode == 2, out.stdout + out.stderr
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot join the Ray cluster at 127.0.0.1:"), lines
+    assert "nothing listens there" in lines[0]
 
 
 def test_status_marks_a_live_deployment_that_nothing_serves_stopped(home):
