@@ -110,7 +110,7 @@ class JobSpec(Frozen):
     task: TaskConfig = Field(default_factory=TaskConfig)
     search: SearchSpace = Field(default_factory=SearchSpace)
     algorithm: SearchSettings = Field(default_factory=SearchSettings)
-    objectives: Objectives = Field(DEFAULT_OBJECTIVES, description="1 to 3 of " + ", ".join(OBJECTIVES) +
+    objectives: Objectives = Field(DEFAULT_OBJECTIVES, description="2 or 3 of " + ", ".join(OBJECTIVES) +
                                    ", each name:max or name:min")
     constraints: Constraints = Field(default_factory=Constraints)
     budget: Budget = Field(default_factory=Budget)

@@ -31,9 +31,9 @@ class SearchSettings(Frozen):
     name: Literal[ALGORITHMS] = Field("tpe", description="tpe | nsga2 (Optuna, multi-objective) | random | grid "
                                                          "(Tune's variant generator)")
     asha: Literal[SCHEDULERS] = Field(
-        "metric", description="mo: multi-objective ASHA over the objectives (the default with more than one "
-                              "objective); metric: ASHA on asha_metric alone (the default with one); none: every "
-                              "trial runs to the end")
+        "metric", description="mo: multi-objective ASHA over the objectives (a job spec's default); metric: "
+                              "ASHA on asha_metric alone; none: every trial runs to the end. Specs of earlier "
+                              "versions say true (metric) or false (none)")
     asha_metric: Literal[OBJECTIVES] = Field("metric", description="what metric ASHA stops on; a trial reports "
                                                                    "it at every time_attr step")
     asha_mode: Literal[DIRECTIONS] = "max"

@@ -55,7 +55,7 @@ def _once(objectives: tuple) -> tuple:
     return objectives
 
 
-# A Pareto front is over 2 or 3 objectives; one objective is a plain best-of search.
-Objectives = Annotated[tuple[Objective, ...], Field(min_length=1, max_length=3), AfterValidator(_once)]
+# A Pareto front needs at least 2 objectives; its hypervolume is exact for up to 3.
+Objectives = Annotated[tuple[Objective, ...], Field(min_length=2, max_length=3), AfterValidator(_once)]
 DEFAULT_OBJECTIVES = (Objective(name="metric", mode="max"), Objective(name="size_bytes", mode="min"),
                       Objective(name="latency_ms_b1", mode="min"))

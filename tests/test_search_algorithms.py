@@ -50,7 +50,7 @@ def test_settings_stored_by_earlier_versions_load():
 def test_objectives_accept_pairs_strings_and_mappings():
     expected = (Objective(name="metric", mode="max"), Objective(name="latency_ms_b1", mode="min"))
     adapter = TypeAdapter(Objectives)
-    for given in ([["metric", "max"], ["latency_ms_b1", "min"]], ["metric:max", "latency_ms_b1 : min"],
+    for given in ([["metric", "max"], ["latency_ms_b1", "min"]], ("metric:max", "latency_ms_b1 : min"),
                   [{"metric": "max"}, {"name": "latency_ms_b1", "mode": "min"}]):
         assert adapter.validate_python(given) == expected
     assert [str(o) for o in expected] == ["metric:max", "latency_ms_b1:min"]

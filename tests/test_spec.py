@@ -93,7 +93,9 @@ def test_spec_stored_by_an_earlier_version_loads(tmp_path):
 
 def test_scheduler_defaults_to_mo_asha_with_several_objectives():
     assert parse({"name": "x"}).algorithm.asha == "mo"
-    assert parse({"name": "x", "objectives": ["metric:max"]}).algorithm.asha == "metric"
+    assert parse({"name": "x", "objectives": ["metric:max", "params:min"]}).algorithm.asha == "mo"
+    with pytest.raises(SpecError, match=r"objectives: must have at least 2 item\(s\)"):
+        parse({"name": "x", "objectives": ["metric:max"]})  # a Pareto front needs two
     assert parse({"name": "x", "algorithm": {"asha": "none"}}).algorithm.asha == "none"
     with pytest.raises(SpecError, match="algorithm.asha_mode: min contradicts objective metric:max"):
         parse({"name": "x", "algorithm": {"asha": "metric", "asha_mode": "min"}})
