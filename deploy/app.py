@@ -174,13 +174,18 @@ class SlimrayModel:
 
     def __init__(self, artifact_uri: str, *, info: Optional[dict] = None, max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.01, max_inputs: int = 64, token_sha256: Optional[str] = None,
-                 ptq: Optional[str] = None):
+                 ptq: Optional[str] = None, runtime: str = "torch"):
         import torch
 
         from deploy.classifier import Classifier
         from workers.artifacts import info as artifact_info
 
-        self.classifier = Classifier.load(artifact_uri, ptq=ptq)
+        if runtime == "onnxruntime":
+            from deploy import ort_backend
+
+            self.classifier = ort_backend.load(artifact_uri)
+        else:
+            self.classifier = Classifier.load(artifact_uri, ptq=ptq)
         self.classifier(["warm up"])  # the first forward allocates; pay for it before taking traffic
         self.classify.set_max_batch_size(max_batch_size)
         self.classify.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -197,7 +202,7 @@ class SlimrayModel:
             promoted_at=self.info.get("promoted_at"), promoted_by=self.info.get("who"),
             serving={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s,
                      "max_inputs": max_inputs, "auth": bool(token_sha256), "torch_threads": torch.get_num_threads(),
-                     "ptq": ptq},
+                     "ptq": ptq, "runtime": runtime},
             deploy_info={k: v for k, v in self.info.items() if k not in ("job", "trial", "promoted_at", "who")},
             provenance=meta).model_dump(mode="json")
 

@@ -20,6 +20,7 @@ from common.client import TOKEN_ENV, EndpointClient
 from common.config import Float, Frozen, Int, Str
 from common.errors import DeployError
 from deploy.classifier import PTQ
+from deploy.ort_backend import RUNTIMES
 
 __all__ = ["ServeOptions", "deploy", "status", "stop", "endpoint_url", "not_serving", "reconcile", "HOST"]
 
@@ -46,6 +47,8 @@ class ServeOptions(Frozen):
     num_replicas: Int = Field(1, ge=1)
     max_inputs: Int = Field(64, ge=1, description="inputs per request; more is a 413")
     ptq: Optional[Literal[PTQ]] = Field(None, description="quantize the model as it loads; the artifact stays as it is")
+    runtime: Literal[RUNTIMES] = Field("torch", description="torch, or onnxruntime: the artifact's ONNX export "
+                                                            "(`slimray export`) in an ONNX Runtime session")
 
 
 def endpoint_url(port: int = 8000, route_prefix: str = "/") -> str:
@@ -87,6 +90,13 @@ def deploy(artifact_uri, options: Optional[ServeOptions] = None, *, info: Option
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise DeployError(f"{artifact_uri} is not a slimray artifact (config.json or model.safetensors missing); "
                           f"promote a trial that saved one")
+    if opts.runtime == "onnxruntime":
+        if opts.ptq is not None:
+            raise DeployError(f"ptq {opts.ptq} quantizes the torch model; with runtime onnxruntime export the "
+                              "quantized model instead (`slimray export`)")
+        from deploy.ort_backend import exported_dir
+
+        exported_dir(path)  # refused here, in one line, rather than by a failing replica
     token = os.environ.get(TOKEN_ENV) or None
     # the replica only ever holds the token's hash: deployment arguments are visible to the cluster
     token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None
@@ -103,7 +113,7 @@ def deploy(artifact_uri, options: Optional[ServeOptions] = None, *, info: Option
         max_ongoing_requests=max(64, 2 * opts.max_batch_size),
     ).bind(str(Path(path).resolve()), info=info, max_batch_size=opts.max_batch_size,
            batch_wait_timeout_s=float(opts.batch_wait_timeout_s), max_inputs=opts.max_inputs,
-           token_sha256=token_sha256, ptq=opts.ptq)
+           token_sha256=token_sha256, ptq=opts.ptq, runtime=opts.runtime)
     try:
         serve.run(model, name=opts.name, route_prefix=opts.route_prefix)
     except Exception as err:  # Serve raises its own exception types; the user needs one line

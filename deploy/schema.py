@@ -66,7 +66,8 @@ class ModelInfo(BaseModel):
     metrics: Optional[dict] = None
     promoted_at: Optional[str] = None
     promoted_by: Optional[str] = None
-    serving: dict = Field(description="max_batch_size, batch_wait_timeout_s, max_inputs, auth, torch_threads, ptq")
+    serving: dict = Field(description="max_batch_size, batch_wait_timeout_s, max_inputs, auth, torch_threads, ptq, "
+                                        "runtime (torch or onnxruntime)")
     deploy_info: dict = Field(default_factory=dict, description="what promotion recorded (baseline, constraints)")
     provenance: dict = Field(default_factory=dict, description="the artifact's slimray.json")
 

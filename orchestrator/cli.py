@@ -361,7 +361,9 @@ def promote(job: str,
             route_prefix: str = typer.Option("/", "--route-prefix"),
             name: str = typer.Option("slimray", help="Serve application name (same name = rolling swap)"),
             address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a "
-                                                             "local Ray head that outlives this command)")):
+                                                             "local Ray head that outlives this command)"),
+            runtime: str = typer.Option("torch", "--runtime", help="torch | onnxruntime (the trial's ONNX export, "
+                                                                   "made if missing) | auto (the faster one)")):
     """Serve the Pareto-best model of JOB under the constraints (front latencies re-measured first).
 
     Without --address/RAY_ADDRESS the endpoint runs on a local Ray head started for slimray (kept running after
@@ -376,7 +378,7 @@ def promote(job: str,
         constraints = from_stored(store.get_job(job)["spec"]).constraints.override(
             max_metric_drop=max_drop, max_size_mb=max_size_mb, max_latency_ms=max_latency_ms)
     done = do_promote(job, constraints, trial=trial, store=store, port=port, route_prefix=route_prefix, name=name,
-                      address=address, detached=True)
+                      address=address, detached=True, runtime=runtime)
     table = Table(title=f"{job}: Pareto front, batch-1 latency re-measured")
     for c in ("trial_id", "metric", "metric_drop", "size", "latency_ms_b1", "reported_latency_ms_b1"):
         table.add_column(c)
@@ -385,7 +387,12 @@ def promote(job: str,
                       _fmt(r["metric_drop"]), _fmt(r["size_bytes"], "size_bytes"), _fmt(r["latency_ms_b1"]),
                       _fmt(r["reported_latency_ms_b1"]))
     console.print(table)
-    console.print(f"serving trial {done['trial_id']} of {job} at {done['endpoint']} "
+    timing = done.get("runtime_timing")
+    if timing:
+        console.print(f"batch-1 latency: torch {timing['torch']['median_ms']:.2f} ms (spread "
+                      f"{timing['torch']['spread_ms']:.2f}), onnxruntime {timing['onnxruntime']['median_ms']:.2f} ms "
+                      f"(spread {timing['onnxruntime']['spread_ms']:.2f})", highlight=False)
+    console.print(f"serving trial {done['trial_id']} of {job} at {done['endpoint']} on {done['runtime']} "
                   f"(deployment {done['deployment_id']}); try `slimray predict \"some text\"`")
 
 

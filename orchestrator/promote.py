@@ -84,15 +84,21 @@ def _choose(job_id: str, rows: list[dict], constraints: Constraints, unusable: d
 
 def promote(job_id: str, constraints: Constraints | None = None, *, trial: str | None = None, store=None,
             who: str | None = None, route_prefix: str = "/", port: int = 8000, name: str = "slimray",
-            address: str | None = None, detached: bool = False) -> dict:
+            address: str | None = None, detached: bool = False, runtime: str = "torch") -> dict:
     """Serve the best model of ``job_id`` (or ``trial``) and record the deployment; returns what was done.
+
+    ``runtime``: torch, onnxruntime (the trial's ONNX export, made when missing) or auto (ONNX Runtime only
+    when it is faster at batch 1 by more than the measurement's spread).
 
     ``constraints`` default to the job spec's ``constraints`` section (metric drop ≤ 1.0 point when it has
     none). Ray: the connected one; else ``address``/RAY_ADDRESS; else, with ``detached``, the local slimray
     head that outlives this process (the CLI's choice); else an embedded Ray that ends with this process.
     """
     from common.paths import open_store
+    from orchestrator.exporting import RUNTIME_CHOICES, prepare_runtime
 
+    if runtime not in RUNTIME_CHOICES:
+        raise ConfigError(f"runtime: must be one of {', '.join(RUNTIME_CHOICES)}, got {runtime!r}")
     store = store or open_store()
     job = store.get_job(job_id)
     spec, baseline = from_stored(job["spec"]), job.get("baseline") or {}
@@ -128,13 +134,16 @@ def promote(job_id: str, constraints: Constraints | None = None, *, trial: str |
         chosen = next(r for r in rows if r["trial_id"] == trial)
     else:
         chosen = _choose(job_id, rows, constraints, unusable)
+    served = prepare_runtime(job_id, chosen, runtime, seq_len=spec.seq_len,
+                             runs=max(MIN_RUNS, spec.latency.runs), store=store)
     return _deploy(store, job_id, chosen, baseline, None if trial is not None else constraints,
                    who=who or _user(), route_prefix=route_prefix, port=port, name=name, address=address,
-                   detached=detached, front=rows)
+                   detached=detached, front=rows, served=served)
 
 
 def _deploy(store, job_id: str, chosen: dict, baseline: dict, constraints: Constraints | None, *, who: str,
-            route_prefix: str, port: int, name: str, address: str | None, detached: bool, front: list[dict]) -> dict:
+            route_prefix: str, port: int, name: str, address: str | None, detached: bool, front: list[dict],
+            served: dict | None = None) -> dict:
     from deploy import control
 
     tid = chosen["trial_id"]
@@ -143,13 +152,18 @@ def _deploy(store, job_id: str, chosen: dict, baseline: dict, constraints: Const
             "size_bytes": chosen.get("size_bytes"), "latency_ms_b1": chosen["latency_ms_b1"],
             "teacher": {k: baseline.get(k) for k in ("metric", "size_bytes", "latency_ms_b1", "uri")},
             "constraints": constraints.model_dump() if constraints else None}
+    served = served or {"runtime": "torch"}
+    info["runtime"] = served["runtime"]
+    if served.get("timing"):
+        info["runtime_timing"] = served["timing"]  # auto: both medians and spreads, as measured here
     endpoint = control.endpoint_url(port, route_prefix)
     previous = store.live_deployment()
     dep_id = store.record_deployment(job_id, tid, endpoint, who)
     try:
         if address or detached:
             serving_ray(address)
-        control.deploy(chosen["artifact_uri"], name=name, route_prefix=route_prefix, port=port, info=info)
+        control.deploy(chosen["artifact_uri"], name=name, route_prefix=route_prefix, port=port, info=info,
+                       runtime=served["runtime"])
     except Exception as err:
         if previous is None or previous["id"] != dep_id:
             store.set_deployment_status(dep_id, "failed")
@@ -163,6 +177,7 @@ def _deploy(store, job_id: str, chosen: dict, baseline: dict, constraints: Const
             "artifact_uri": chosen["artifact_uri"], "metric": chosen.get("metric"),
             "metric_drop": chosen.get("metric_drop"), "size_bytes": chosen.get("size_bytes"),
             "latency_ms_b1": chosen["latency_ms_b1"], "constraints": info["constraints"],
+            "runtime": served["runtime"], "runtime_timing": served.get("timing"),
             "front": [{k: r.get(k) for k in ("trial_id", "metric", "metric_drop", "size_bytes", "latency_ms_b1",
                                              "reported_latency_ms_b1")} for r in front]}
 
