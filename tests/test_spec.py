@@ -167,3 +167,22 @@ def test_cli_prints_the_schema_and_checks_a_spec():
     assert schema["required"] == ["name"] and "teacher_train" in schema["properties"]
     out = CliRunner().invoke(app, ["spec", "check", str(EXAMPLES / "tiny.yaml")])
     assert out.exit_code == 0 and "valid job spec 'sst2-tiny'" in out.output
+
+
+def _section_models():
+    from orchestrator.spec import Budget, Constraints, LatencySettings, Resources, Storage
+    from search.algorithms import SearchSettings
+    from search.space import SearchSpace
+
+    return [Constraints(max_metric_drop=None, max_size_mb=20, max_latency_ms=2.5),
+            Budget(num_trials=3, max_concurrent=2, time_budget_s=60, max_failures=0),
+            Resources(cpus=0.5, gpus=1, workers=2), LatencySettings(threads=2, runs=5, seq_len=16),
+            Storage(db_url="sqlite:///x.db", artifact_dir="/tmp/a"),
+            SearchSettings(name="random", asha="none", seed=None),
+            SearchSpace.model_validate({"student": {"layers": [1, 2]}, "train": {"lr": {"low": 1e-4, "high": 1e-3}}})]
+
+
+@pytest.mark.parametrize("cfg", _section_models(), ids=lambda c: type(c).__name__)
+def test_every_spec_section_round_trips_through_json(cfg):
+    assert type(cfg).model_validate(json.loads(json.dumps(cfg.model_dump(mode="json")))) == cfg
+    assert type(cfg).model_validate_json(cfg.model_dump_json()) == cfg
