@@ -42,8 +42,10 @@ def test_every_compression_config_round_trips_through_json(cfg):
     assert type(cfg).model_validate(_json(cfg)) == cfg
 
 
-@pytest.mark.parametrize("cfg", [StudentConfig(layers=2, hidden=64, heads=4, layer_choice="top"), DistillConfig(
-    temperature=4, alpha=0.5, hidden_weight=1.0), TrainConfig(lr=3e-4, max_steps=10, zero_stage=2, group_by_length=False),
+@pytest.mark.parametrize("cfg", [
+    StudentConfig(layers=2, hidden=64, heads=4, layer_choice="top"),
+    DistillConfig(temperature=4, alpha=0.5, hidden_weight=1.0),
+    TrainConfig(lr=3e-4, max_steps=10, zero_stage=2, group_by_length=False),
     TeacherTrainConfig(train_size=100, seeds=(0, 1)), TaskConfig(dataset="glue/mrpc", labels=("no", "yes")),
     TrialConfig(student=StudentConfig(layers=1), prune=HeadPrune(heads=(1, 2)), quant=Int4WeightOnly(),
                 lowrank=LowRankConfig(ratio=0.25), train=TrainConfig(epochs=2))], ids=lambda c: type(c).__name__)
