@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from common.errors import SlimrayError
@@ -43,7 +44,7 @@ def _fail(err: BaseException) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "slimray.log", "a") as fh:
         fh.write("".join(traceback.format_exception(err)))
-    err_console.print(f"[red]error:[/red] {err}", highlight=False)
+    err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)  # "[first, second]" is no markup
     raise typer.Exit(2)
 
 
