@@ -246,7 +246,9 @@ def test_endpoint_answers_with_label_names_and_refuses_the_wrong_input_kind(serv
         res = runner.invoke(app, ["predict", "a good film", "--url", url])
         assert res.exit_code == 0 and res.output.split()[0] in ("negative", "positive"), res.output
         res = runner.invoke(app, ["predict", "a man eats", "--pair", "someone eats", "--url", url])
-        assert res.exit_code == 2 and "answered 422: inputs[0]: this model classifies single texts" in res.output
+        assert res.exit_code == 2, res.output
+        assert "answered 422: inputs[0]: this model classifies single texts; send a text, not a [first, second] " \
+               "pair" in " ".join(res.output.split())
 
         serve.delete("kinds")  # two replicas of this test's at once would need a third CPU
         url = control.deploy(pair, name="kinds", route_prefix="/kinds", port=served["port"])
