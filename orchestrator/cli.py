@@ -532,6 +532,41 @@ def spec_check(spec: Path = typer.Argument(..., help="job spec YAML")):
                   f"{parsed.budget.num_trials} trials, objectives {', '.join(map(str, parsed.objectives))})")
 
 
+teacher_app = typer.Typer(help="the job's teacher", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("prepare")
+@_guard
+def teacher_prepare(spec: Path = typer.Argument(..., help="job spec YAML")):
+    """Fine-tune the spec's teacher ahead of a search (or find it already prepared): prints where it is cached
+    and its metric on the eval split. Jobs with the same teacher settings then reuse it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from orchestrator.jobs import prepare_teacher, teacher_cache_dir
+    from orchestrator.spec import load
+
+    parsed = load(spec)
+    stages = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("teacher", total=None, loss="")
+
+        def on_step(step, total, loss):
+            bar.update(task, completed=step, total=total, loss=f"loss {loss:.3f}")
+
+        def on_stage(what):
+            stages.append(what)
+            bar.update(task, description=what)
+
+        teacher, data = prepare_teacher(parsed, teacher_cache_dir(parsed), progress=on_step, on_stage=on_stage)
+    how = "prepared" if "measuring" in stages else "already prepared"
+    scores = ", ".join(f"{k} {teacher.metrics[k]:.2f}" for k in ("accuracy", "f1") if k in teacher.metrics)
+    console.print(f"teacher {how}: {teacher.uri}", highlight=False)
+    console.print(f"{data.config.eval_split} ({len(data.eval)} rows): {scores}; students' rows: {len(data.train)}",
+                  highlight=False)
+
+
 def main():  # pragma: no cover - console script entry
     app()
 

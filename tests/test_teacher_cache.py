@@ -154,3 +154,27 @@ def test_several_seeds_keep_the_best_on_held_out_rows(tiny_teacher_dir, task, tm
     assert set(scores) == {3, 4} and scores[meta["seed"]] == max(scores.values())
     # one bar over both fine-tunes, each on the 144 rows left after holding out 16
     assert steps[-1] == (2 * 9, 2 * 9) and len(steps) == 18
+
+
+def test_slimray_teacher_prepare_prepares_then_reuses(tiny_teacher_dir, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from conftest import tiny_job
+    from orchestrator.cli import app
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(tiny_job(tiny_teacher_dir, tmp_path, task={"train_size": 100},
+                                            teacher_train={"epochs": 1, "batch_size": 32, "train_size": 200},
+                                            latency={"runs": 2})))
+    runner = CliRunner()
+    first = runner.invoke(app, ["teacher", "prepare", str(spec)])
+    assert first.exit_code == 0, first.output
+    cached = list((tmp_path / "jobs" / "teachers").glob("teacher-*/slimray.json"))
+    assert len(cached) == 1
+    assert "teacher prepared: " in first.output and "accuracy" in first.output
+    assert str(cached[0].parent) in first.output.replace("\n", "")
+    again = runner.invoke(app, ["teacher", "prepare", str(spec)])
+    assert again.exit_code == 0 and "teacher already prepared: " in again.output
+    bad = runner.invoke(app, ["teacher", "prepare", str(tmp_path / "missing.yaml")])
+    assert bad.exit_code == 2 and "not found" in bad.output

@@ -118,6 +118,7 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
     from workers import artifacts
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # the caller shows progress (``progress``, ``on_stage``)
     stage = on_stage or (lambda what: None)
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
