@@ -7,8 +7,8 @@ import importlib
 __all__ = [
     "SearchSpace", "Fixed", "Choice", "Range", "build", "optuna_space", "to_trial_config", "trial_config",
     "SearchSettings", "make", "param_space_for", "OBJECTIVES", "Objective", "Objectives",
-    "front", "nondominated_sort", "front_index", "crowding_distance", "ranks", "hypervolume", "violation", "pick",
-    "closest",
+    "front", "nondominated_sort", "front_index", "dominated_by", "crowding_distance", "ranks", "hypervolume",
+    "violation", "pick", "closest",
 ]
 
 _HOME = {
@@ -16,8 +16,8 @@ _HOME = {
     **dict.fromkeys(["build", "optuna_space", "to_trial_config", "trial_config"], "search.adapters"),
     **dict.fromkeys(["SearchSettings", "make", "param_space_for"], "search.algorithms"),
     **dict.fromkeys(["OBJECTIVES", "Objective", "Objectives"], "search.objectives"),
-    **dict.fromkeys(["front", "nondominated_sort", "front_index", "crowding_distance", "ranks", "hypervolume",
-                     "violation", "pick", "closest"], "search.pareto"),
+    **dict.fromkeys(["front", "nondominated_sort", "front_index", "dominated_by", "crowding_distance", "ranks",
+                     "hypervolume", "violation", "pick", "closest"], "search.pareto"),
 }
 
 

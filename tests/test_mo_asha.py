@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from common.errors import ConfigError
-from search.pareto import crowding_distance, front, front_index, ranks
+from search.pareto import crowding_distance, dominated_by, front, front_index, ranks
 
 CONTINUE, STOP = "CONTINUE", "STOP"
 MIN2 = ["min", "min"]
@@ -166,6 +166,29 @@ def test_a_front_member_with_the_lowest_crowding_still_continues():
     assert front_index(recorded, ["max", "min"])[-1] == 0
     assert ranks(recorded, ["max", "min"])[-1] >= math.ceil(len(recorded) / 4)
     assert action == CONTINUE
+
+
+def test_decisions_follow_the_documented_rule_exactly():
+    """continue iff among the first η, or on the rung's front, or ranked inside ceil(n/η): the scheduler's
+    shortcuts (counting dominators) must never change a decision."""
+    rng = random.Random(9)
+    directions = ["max", "min", "min"]
+    for run in range(10):
+        eta = rng.choice([2, 3, 4])
+        sched = _scheduler(reduction_factor=eta)
+        seen = []
+        for i in range(60):
+            row = [rng.randrange(50, 100), rng.randrange(1, 30), rng.randrange(1, 30)]
+            seen.append(row)
+            n = len(seen)
+            expected = n <= eta or front_index(seen, directions)[-1] == 0 or \
+                ranks(seen, directions)[-1] < math.ceil(n / eta)
+            assert (_report(sched, f"{run}-{i}", 1, *row) == CONTINUE) == expected, (run, i)
+
+
+def test_dominated_by_counts_the_rows_that_dominate():
+    rows = [[1, 9], [3, 5], [6, 2], [4, 6], [7, 7], [4, 6]]
+    assert [dominated_by(rows, MIN2, i) for i in range(len(rows))] == [0, 0, 0, 1, 4, 1]
 
 
 def test_a_result_missing_an_objective_is_not_ranked():
