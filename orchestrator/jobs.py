@@ -57,18 +57,29 @@ def _prepare_teacher(spec: JobSpec, cache_dir: Path) -> dict:
             "logits": t.train_logits, "dataset": data.source, "teacher_key": t.key}
 
 
-def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, restore_path: str | None):
+def checkpoint_period(num_trials: int) -> float:
+    """Seconds between Tune's snapshots of the search state. A snapshot serialises every trial (about a
+    millisecond each, bench/scale.py), so a fixed short period would spend a growing share of the driver on
+    it: 2 s (a killed driver loses little) up to 100 trials, then 20 ms per trial (≤ ~5% of the driver)."""
+    return max(2.0, 0.02 * num_trials)
+
+
+# A period the user set in the environment wins over checkpoint_period.
+_USER_CHECKPOINT_S = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
+
+
+def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, restore_path: str | None,
+           trial_fn):
     from ray import tune
 
     from orchestrator.recorder import Recorder
     from orchestrator.stopper import CancelStopper
-    from orchestrator.trainable import run_trial
     from search.algorithms import make, param_space_for
 
     resources = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
     if spec.resources.distributed:  # the trial actor only drives the TorchTrainer; its workers hold the CPUs
         resources = {"cpu": 0.01}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, shared=shared, settings=settings), resources)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, shared=shared, settings=settings), resources)
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     search_alg, scheduler = make(spec.search, spec.algorithm, spec.objectives,
@@ -117,10 +128,14 @@ def compute_front(store, job_id: str, spec: JobSpec) -> list[str]:
     return ids
 
 
-def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, progress=None) -> str:
+def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, progress=None, trainable=None,
+         prepare=None) -> str:
+    """The job's life on Ray. ``trainable`` (a ``run_trial``-shaped function) and ``prepare`` (a
+    ``_prepare_teacher``-shaped one) replace the real trial and teacher: the scale benchmark and its test drive
+    this very loop with cheap, sleep-bound trials."""
     import ray
 
-    from orchestrator.trainable import TrialSettings
+    from orchestrator.trainable import TrialSettings, run_trial
     from workers.teacher import code_version
 
     root = _artifact_root(spec, job_id)
@@ -128,8 +143,7 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
     # Intermediate reports carry the step and metric for ASHA; size and latency exist only once the artifact
     # does, so Tune must not insist that every report names every objective.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Trials take seconds to minutes: save the search state often so a killed driver loses little.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = _USER_CHECKPOINT_S or f"{checkpoint_period(spec.budget.num_trials):g}"
     connect(spec.ray_address, dashboard=spec.resources.distributed)
     store.set_job_status(job_id, "running")
     store.set_job_tune_path(job_id, str(root / "tune"))
@@ -137,7 +151,7 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
         store.set_job_stage(job_id, "teacher")
         cache = teacher_cache_dir(spec)
         # a trial's resources: Ray gives the task as many torch threads as CPUs, and nothing else runs yet
-        prep = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(_prepare_teacher)
+        prep = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(prepare or _prepare_teacher)
         bundle = ray.get(prep.remote(spec, cache))
         store.set_job_baseline(job_id, {**bundle["teacher_metrics"], "uri": bundle["teacher_uri"]})
         shared = {"ref": ray.put(bundle)}  # wrapped in a dict: with_parameters would resolve a bare ref
@@ -146,7 +160,7 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
             provenance={"job_id": job_id, "dataset": bundle["dataset"], "task": spec.task.model_dump(mode="json"),
                         "code_version": code_version()})
         tuner = _tuner(spec, job_id, store.url, shared, settings,
-                       restore_path if restore_path and Path(restore_path).exists() else None)
+                       restore_path if restore_path and Path(restore_path).exists() else None, trainable or run_trial)
         store.set_job_stage(job_id, "search", {"done": 0, "total": spec.budget.num_trials, "unit": "trials"})
         tuner.fit()
         store.set_job_stage(job_id, "front")
