@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export SLIMRAY_HOME ?= $(abspath .slimray)
 
-.PHONY: setup test test-fast demo docs bench-distill bench-compression bench-search bench-serve bench-reliability bench-e2e clean
+.PHONY: setup test test-fast demo docs bench-distill bench-compression bench-search bench-serve bench-reliability bench-scale bench-e2e clean
 
 $(BIN)/slimray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-serve: setup
 
 bench-reliability: setup
 	$(BIN)/python -m bench.reliability
+
+# 1,000 sleep-bound trials on 8 simulated nodes, into SQLite and into PostgreSQL (.ci/postgres.sh): ~25 min.
+bench-scale: setup
+	$(BIN)/python -m bench.scale
 
 # The real run: `make bench-e2e` (SST-2 and MRPC, ~1 h each on 2 cores) or `make bench-e2e TASK=sst2`.
 TASK ?= all
