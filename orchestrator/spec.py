@@ -15,16 +15,14 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from common.config import Float, Frozen, Int, Problems, Str
 from common.errors import SpecError
 from search.algorithms import SearchSettings
-from search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objective, Objectives
+from search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objectives
 from search.space import SearchSpace
 from workers.configs import DistillConfig, TeacherTrainConfig, TrainConfig
 from workers.data import TaskConfig
 from workers.teacher import DEFAULT_TEACHER
 
-__all__ = ["JobSpec", "Objective", "Constraints", "Budget", "Resources", "LatencySettings", "Storage",
-           "load", "parse", "from_stored", "KNOWN_OBJECTIVES"]
-
-KNOWN_OBJECTIVES = OBJECTIVES
+__all__ = ["JobSpec", "Constraints", "Budget", "Resources", "LatencySettings", "Storage", "load", "parse",
+           "from_stored"]
 
 
 class Constraints(Frozen):
