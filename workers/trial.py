@@ -154,7 +154,9 @@ def fixed_objectives(student, cfg: TrialConfig, ctx: TrialContext) -> dict:
     with tempfile.TemporaryDirectory(prefix="slimray-size-") as scratch:
         size = artifacts.save(model, None, scratch).size_bytes
         loaded, _, _ = artifacts.load(scratch, with_tokenizer=False)
-    ms = latency_ms(loaded, batch=1, seq_len=ctx.seq_len, runs=ctx.latency_runs, threads=ctx.latency_threads)
+    # a student whose position embeddings were cut (vocabulary pruning) is timed at the length it can take
+    seq_len = min(ctx.seq_len, getattr(loaded.config, "max_position_embeddings", None) or ctx.seq_len)
+    ms = latency_ms(loaded, batch=1, seq_len=seq_len, runs=ctx.latency_runs, threads=ctx.latency_threads)
     return {"size_bytes": size, "latency_ms_b1": ms}
 
 
