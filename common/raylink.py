@@ -178,8 +178,8 @@ def _start_head(temp_dir: Path) -> str:
         env["RAY_AUTH_MODE"] = "token"
     cmd = ray_cli + ["start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
                      "--disable-usage-stats", "--port", str(port), "--temp-dir", str(temp_dir),
-                     # not the default 52365: another Ray on this machine (a running search) may hold it
-                     "--dashboard-agent-listen-port", str(free_port())]
+                     # not the defaults (8265, 52365): another Ray on this machine (a running search) may hold them
+                     "--dashboard-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port())]
     log.info("starting a local Ray head: %s", " ".join(cmd))
     # Output to a file, not a pipe: the daemons `ray start` leaves behind inherit its stdout, and reading a pipe
     # they hold open would wait for them to exit.

@@ -117,11 +117,11 @@ def _stop_head(temp_dir: Path) -> None:
     """Stop only this head's processes (`ray stop` would stop every Ray on the machine)."""
     import psutil
 
-    procs = []
+    procs = set()
     for p in psutil.process_iter(["cmdline"]):
         try:
             if str(temp_dir) in " ".join(p.info["cmdline"] or []):
-                procs.append(p)
+                procs |= {p, *p.children(recursive=True)}  # its workers name no temp dir
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     for p in procs:
@@ -129,7 +129,7 @@ def _stop_head(temp_dir: Path) -> None:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
+    psutil.wait_procs(list(procs), timeout=30)
 
 
 @pytest.mark.slow
