@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 from workers import artifacts
-from common.errors import DeployError
+from common.errors import DeployError, SlimrayError
 
 __all__ = ["Classifier", "Item", "max_length", "labels", "takes_pairs", "PTQ", "post_training_quantize"]
 
@@ -71,6 +71,10 @@ class Classifier:
     def __init__(self, model, tokenizer, meta: dict, uri: str):
         if tokenizer is None:
             raise DeployError(f"artifact {uri} has no tokenizer/ directory; it cannot serve raw text")
+        try:
+            artifacts.check_tokenizer(meta, tokenizer, uri)
+        except SlimrayError as err:
+            raise DeployError(str(err)) from None
         self.model, self.tokenizer, self.meta, self.uri = model, tokenizer, meta, uri
         self.labels = labels(model.config, meta)
         self.pairs = takes_pairs(meta)

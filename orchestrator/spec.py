@@ -17,7 +17,7 @@ from common.errors import SpecError
 from search.algorithms import SearchSettings
 from search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objectives
 from search.space import SearchSpace
-from workers.configs import DistillConfig, TeacherTrainConfig, TrainConfig
+from workers.configs import DistillConfig, TeacherTrainConfig, TrainConfig, VocabConfig
 from workers.data import TaskConfig
 from workers.teacher import DEFAULT_TEACHER
 
@@ -117,6 +117,8 @@ class JobSpec(Frozen):
                                                                         "engine; the search space overrides them.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Trial defaults; the search space "
                                                                               "overrides them.")
+    vocab: VocabConfig = Field(default_factory=VocabConfig, description="Trial default; the search space "
+                                                                        "overrides it.")
     teacher_train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig)
     latency: LatencySettings = Field(default_factory=LatencySettings)
     storage: Storage = Field(default_factory=Storage)

@@ -34,7 +34,7 @@ class TrialSettings(Frozen):
     @property
     def base(self) -> TrialConfig:
         """The spec's trial defaults; a sampled point overrides them."""
-        return TrialConfig(train=self.spec.train, distill=self.spec.distill)
+        return TrialConfig(train=self.spec.train, distill=self.spec.distill, vocab=self.spec.vocab)
 
 
 def _context(bundle: dict, settings: TrialSettings, trial_id: str, report, *, is_chief=True):

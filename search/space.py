@@ -24,7 +24,8 @@ from pydantic import model_serializer, model_validator
 from common.config import Frozen, Problems
 from common.config import show as _show
 from common.errors import SpecError
-from workers.configs import (DistillConfig, LowRankConfig, PruneConfig, QuantConfig, StudentConfig, TrainConfig)
+from workers.configs import (DistillConfig, LowRankConfig, PruneConfig, QuantConfig, StudentConfig, TrainConfig,
+                             VocabConfig)
 
 __all__ = ["Fixed", "Choice", "Range", "SearchSpace", "DIMENSIONS", "SECTIONS", "GATES"]
 
@@ -57,7 +58,7 @@ class Range:
 
 @dataclass(frozen=True)
 class _Rule:
-    type: type  # int, float or str
+    type: type  # int, float, str or bool
     allowed: str  # how the error message says what a value may be
     ok: Callable[[object], bool]
     ranged: bool = True
@@ -70,14 +71,14 @@ def _members(union) -> list:
 
 # Which config models a search section feeds, and the field that tags a union member.
 _MODELS = {"student": [StudentConfig], "prune": _members(PruneConfig), "quant": _members(QuantConfig),
-           "lowrank": [LowRankConfig], "distill": [DistillConfig], "train": [TrainConfig]}
+           "lowrank": [LowRankConfig], "vocab": [VocabConfig], "distill": [DistillConfig], "train": [TrainConfig]}
 _TAGS = {"prune": "kind", "quant": "mode"}
 # What may be searched. The order matters: a gating parent comes before the knobs it gates (Optuna samples
 # in this order).
 _SEARCHED = ("student.layers", "student.layer_choice", "student.hidden", "student.heads", "student.ffn",
              "prune.kind", "prune.sparsity", "prune.importance", "quant.mode", "quant.group_size",
-             "quant.embedding_bits", "lowrank.ratio", "distill.temperature", "distill.alpha", "distill.hidden_weight",
-             "distill.attention_weight", "train.lr", "train.epochs")
+             "quant.embedding_bits", "lowrank.ratio", "vocab.prune", "distill.temperature", "distill.alpha",
+             "distill.hidden_weight", "distill.attention_weight", "train.lr", "train.epochs")
 _OFF = {"lowrank.ratio": 0.0}  # a ratio of 0 is how a space says "no low-rank factorization" (TrialConfig reads it)
 
 
@@ -152,6 +153,8 @@ def _rule(name: str) -> _Rule:
         return _choices(typing.get_args(kind))
     if kind is str:
         return _Rule(str, "a string", lambda v: True, ranged=False)
+    if kind is bool:
+        return _Rule(bool, "true or false", lambda v: True, ranged=False)
     return _numeric(kind, field.metadata, _OFF.get(name))
 
 
@@ -185,6 +188,8 @@ def _value(rule: _Rule, raw, path: str, problems: list):
     value = raw
     if rule.type is str:
         good = isinstance(raw, str) and rule.ok(raw)
+    elif rule.type is bool:
+        good = isinstance(raw, bool)
     elif rule.type is int:
         good = isinstance(raw, int) and not isinstance(raw, bool) and rule.ok(raw)
     else:
@@ -358,7 +363,7 @@ def _relative(line: str) -> tuple[str, str]:
 
 
 def _schema(rule: _Rule, description: str) -> dict:
-    scalar = {"type": {int: "integer", float: "number", str: "string"}[rule.type]}
+    scalar = {"type": {int: "integer", float: "number", str: "string", bool: "boolean"}[rule.type]}
     forms = [scalar, {"type": "array", "items": scalar, "minItems": 1}]
     if rule.ranged:
         forms.append({"type": "object", "additionalProperties": False, "required": ["low", "high"],

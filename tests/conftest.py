@@ -131,7 +131,7 @@ def tiny_tokenizer(tmp_path_factory):
     vocab += words + letters + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
     vocab += [f"w{i}" for i in range(1000 - len(vocab))]
     (d / "vocab.txt").write_text("\n".join(vocab[:1000]) + "\n")
-    return BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    return BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)  # transformers 5 ignores vocab_file
 
 
 @pytest.fixture
@@ -166,7 +166,7 @@ def _tokenizer(d):
     vocab += words + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
     vocab += [f"w{i}" for i in range(1000 - len(vocab))]
     (d / "vocab.txt").write_text("\n".join(vocab[:1000]) + "\n")
-    return BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    return BertTokenizerFast(vocab=str(d / "vocab.txt"), do_lower_case=True)  # transformers 5 ignores vocab_file
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ EVERY_DIMENSION = {
               "importance": "magnitude"},
     "quant": {"mode": ["int4", "qat", "mixed", "static"], "group_size": 128, "embedding_bits": [4, 8]},
     "lowrank": {"ratio": {"low": 0.25, "high": 1.0}},
+    "vocab": {"prune": [False, True]},
     "distill": {"temperature": {"low": 1, "high": 8, "log": True}, "alpha": 0.9, "hidden_weight": [0, 1.5],
                 "attention_weight": 0.0},
     "train": {"lr": [1e-4, 3e-4], "epochs": {"low": 1, "high": 3, "step": 1}},
@@ -122,7 +123,7 @@ def test_all_problems_are_collected():
         "search.prune.kind[1]: must be one of none|unstructured|heads|ffn|structured, got 'random'",
         "search.prune.sparsity.high: must be > low (0.5), got 0.2; use a single value to fix it",
         "search.quant.mode: must be one of none|dynamic|static|qat|int4|mixed or a list of them, not a range",
-        "search.teacher: unknown section; allowed: student, prune, quant, lowrank, distill, train",
+        "search.teacher: unknown section; allowed: student, prune, quant, lowrank, vocab, distill, train",
         "search.train.lr.low: must be a number in (0, 1), got 0",
     ])
     assert str(info.value).startswith("7 problems")

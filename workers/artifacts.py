@@ -5,7 +5,8 @@
     config.json        the transformers config plus the real per-layer shapes (``slimray_layers``) and the
                        compressed modules (``slimray_structure``)
     tokenizer/         the tokenizer files
-    slimray.json       trial config, metrics and provenance
+    slimray.json       trial config, metrics and provenance, and ``vocab_sha256``: the tokenizer's tokens in id
+                       order, which the word-embedding rows follow (a pruned vocabulary has its own)
 
 ``size_bytes`` is what the weights and config take on disk (the tokenizer is the same for every trial and
 is counted separately in ``artifact_bytes``).
@@ -22,7 +23,8 @@ import numpy as np
 
 from common.errors import SlimrayError
 
-__all__ = ["ArtifactInfo", "save", "load", "info", "read_meta", "update_meta", "resolve", "SPARSE_THRESHOLD"]
+__all__ = ["ArtifactInfo", "save", "load", "info", "read_meta", "update_meta", "resolve", "check_tokenizer",
+           "SPARSE_THRESHOLD"]
 
 # Below this share of zeros a bitmask + values is not smaller than the dense fp32 tensor.
 SPARSE_THRESHOLD = 1 / 32 + 0.01
@@ -97,9 +99,13 @@ def save(model, tokenizer, out_dir: str | os.PathLike, meta: dict | None = None)
     tensors, encoding = _encode(model.state_dict())
     save_file(tensors, str(out / _WEIGHTS), metadata={"slimray_encoding": json.dumps(encoding), "format": "pt"})
     model.config.to_json_file(str(out / _CONFIG))
+    meta = dict(meta or {})
     if tokenizer is not None:
+        from workers.vocab import vocab_hash
+
         tokenizer.save_pretrained(str(out / _TOKENIZER))
-    (out / _META).write_text(json.dumps({"format": 1, **(meta or {})}, indent=2, default=str))
+        meta["vocab_sha256"] = vocab_hash(tokenizer)
+    (out / _META).write_text(json.dumps({"format": 1, **meta}, indent=2, default=str))
     return info(out)
 
 
@@ -153,10 +159,22 @@ def load(uri: str | os.PathLike, *, root: str | os.PathLike | None = None, attn_
         m.after_load()
     model.eval()
     tokenizer = None
+    meta = json.loads((path / _META).read_text()) if (path / _META).is_file() else {}
     if with_tokenizer and (path / _TOKENIZER).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(path / _TOKENIZER))
-    meta = json.loads((path / _META).read_text()) if (path / _META).is_file() else {}
+        check_tokenizer(meta, tokenizer, path)
     return model, tokenizer, meta
+
+
+def check_tokenizer(meta: dict, tokenizer, where) -> None:
+    """Refuse ``tokenizer`` for a model whose artifact recorded another vocabulary: its ids would pick the wrong
+    embedding rows (artifacts written before the hash was recorded are taken as they are)."""
+    from workers.vocab import vocab_hash
+
+    recorded = meta.get("vocab_sha256")
+    if recorded and tokenizer is not None and vocab_hash(tokenizer) != recorded:
+        raise SlimrayError(f"{where}: the tokenizer's vocabulary ({len(tokenizer.get_vocab())} tokens) is not the "
+                           f"one the model was saved with; use the artifact's own tokenizer/ directory")
 
 
 def _loaded_hooks(model):

@@ -17,7 +17,7 @@ from common.config import Bool, Float, Frozen, Int, Problems, Str
 __all__ = [
     "StudentConfig", "UnstructuredPrune", "HeadPrune", "FfnPrune", "StructuredPrune", "PruneConfig",
     "DynamicInt8", "StaticInt8", "QatInt8", "Int4WeightOnly", "MixedPrecision", "QuantConfig",
-    "LowRankConfig", "DistillConfig", "TrainConfig", "TeacherTrainConfig", "TrialConfig", "no_bool",
+    "LowRankConfig", "VocabConfig", "DistillConfig", "TrainConfig", "TeacherTrainConfig", "TrialConfig", "no_bool",
 ]
 
 
@@ -253,6 +253,19 @@ class LowRankConfig(Frozen):
         return self
 
 
+# --------------------------------------------------------------------------- vocabulary
+
+class VocabConfig(Frozen):
+    """Vocabulary pruning: the word embeddings keep only the tokens of the students' training rows, every special
+    token and every single character (plain and ``##``), re-indexed before any embedding quantization, and the
+    artifact ships a WordPiece tokenizer over exactly those tokens (an unseen word splits into kept pieces)."""
+
+    _prefix: ClassVar[str] = "vocab"
+
+    prune: Bool = Field(False, description="keep only the tokens the task uses (smaller word embeddings); the "
+                                            "position embeddings are cut to task.max_length too")
+
+
 # --------------------------------------------------------------------------- distillation + training
 
 class DistillConfig(Frozen):
@@ -306,6 +319,7 @@ class TrialConfig(Frozen):
     prune: Optional[PruneConfig] = None
     lowrank: Optional[LowRankConfig] = None
     quant: Optional[QuantConfig] = None
+    vocab: VocabConfig = Field(default_factory=VocabConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 

@@ -118,6 +118,9 @@ class Encoded:
     lengths: np.ndarray
     labels: np.ndarray
     extra: dict = field(default_factory=dict)
+    # what was tokenised, and at what length: a model with its own (pruned) vocabulary re-tokenises the text
+    texts: Optional[list] = None
+    max_length: Optional[int] = None
 
     def __len__(self):
         return len(self.labels)
@@ -275,5 +278,5 @@ def encode(split: Split, tokenizer, max_length: int) -> Encoded:
         ids[i, : len(row)] = row
         if "token_type_ids" in enc:
             tt[i, : len(row)] = enc["token_type_ids"][i]
-    return Encoded(ids, tt, lengths, split.labels.copy())
+    return Encoded(ids, tt, lengths, split.labels.copy(), texts=list(split.texts), max_length=max_length)
 

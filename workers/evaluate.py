@@ -83,8 +83,10 @@ def _threads(n: int):
 @torch.no_grad()
 def latency_ms(model, *, batch: int, seq_len: int, runs: int = 20, warmup: int = 5, threads: int = 1,
                vocab: int | None = None) -> float:
-    """Median milliseconds per forward pass on random tokens of exactly ``seq_len`` (no padding)."""
+    """Median milliseconds per forward pass on random tokens of exactly ``seq_len`` (no padding), or of as many as
+    the model has positions for (a vocabulary-pruned model keeps only the task's max length)."""
     model.eval()
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", None) or seq_len)
     vocab = vocab or model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq_len), generator=g)  # skip special tokens

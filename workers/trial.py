@@ -7,6 +7,7 @@ and QAT fake-quant inside it), then conversion to low-bit weights (which only ro
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,9 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
 
     # 1. structure
     student = build(teacher, cfg.student)
+    if cfg.vocab.prune:
+        student, teacher, tokenizer, ctx = _prune_vocab(student, teacher if needs_teacher_model else None,
+                                                        tokenizer, ctx)
     if cfg.prune is not None:
         student = prune(student, cfg.prune, data=ctx.train, teacher_logits=ctx.teacher_logits)
     if cfg.lowrank is not None:
@@ -101,7 +105,11 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
     meta = {"role": "student", "trial_config": cfg.model_dump(mode="json", exclude_none=True),
             "teacher": ctx.teacher_uri, "label_names": _label_names(student, ctx.provenance), **ctx.provenance}
     info = artifacts.save(student, tokenizer, ctx.out_dir, meta=meta)
-    loaded, _, _ = artifacts.load(info.uri)
+    loaded, own_tokenizer, _ = artifacts.load(info.uri)
+    if cfg.vocab.prune:  # measured as it is served: the dev text through the artifact's own tokenizer
+        from workers.vocab import retokenise
+
+        ctx = dataclasses.replace(ctx, eval=retokenise(ctx.eval, own_tokenizer))
     m = measure(loaded, ctx.eval, ctx.metric, seq_len=ctx.seq_len, threads=ctx.latency_threads,
                 runs=ctx.latency_runs)
     result = {
@@ -123,6 +131,21 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
     }
     artifacts.update_meta(info.uri, metrics=result)
     return result
+
+
+def _prune_vocab(student, teacher, tokenizer, ctx: TrialContext):
+    """The student re-indexed to the tokens its training rows use (plus every special token and single character)
+    and its position embeddings cut to the rows' max length; the training rows re-numbered and the dev text
+    tokenised with the pruned tokenizer. A teacher run on each batch (hidden-state or attention KD) reads the
+    same re-numbered rows, so its embeddings are re-indexed too."""
+    from workers.vocab import prune_vocab, reindex, retokenise
+
+    vocab = prune_vocab(tokenizer, ctx.train)
+    student = reindex(student, vocab.kept, max_length=ctx.train.max_length)
+    if teacher is not None:
+        teacher = reindex(teacher, vocab.kept)
+    ctx = dataclasses.replace(ctx, train=vocab.remap(ctx.train), eval=retokenise(ctx.eval, vocab.tokenizer))
+    return student, teacher, vocab.tokenizer, ctx
 
 
 def _label_names(model, provenance: dict) -> list[str]:
