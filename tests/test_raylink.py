@@ -1,8 +1,9 @@
 """common.raylink and the serve commands that use it: which Ray they find, and what they say when there is none.
 
-The cheap tests start no Ray. The slow one runs the CLI as a user would, in separate processes: `promote`
-starts the local slimray head and leaves the endpoint on it, then `predict`, `serve status` and `serve stop`
-(each a fresh process) find that head, and the head is stopped at the end (its own processes only).
+The cheap tests start no Ray. The slow one runs slimray as a user would, in separate processes: the demo's
+promotion (after a search on an embedded Ray) starts the local slimray head and leaves the endpoint on it, then
+`promote`, `predict`, `serve status` and `serve stop` (each a fresh process) find that head, and the head is
+stopped at the end (its own processes only).
 """
 from __future__ import annotations
 
@@ -132,6 +133,19 @@ def _stop_head(temp_dir: Path) -> None:
     psutil.wait_procs(list(procs), timeout=30)
 
 
+# What `slimray demo` does after its search: leave the search's embedded Ray, then promote to the local head.
+DEMO_PROMOTION = """
+import sys
+from common.paths import open_store
+from common.raylink import connect, disconnect
+from orchestrator.promote import promote
+
+connect(num_cpus=1)
+disconnect()
+print(promote(sys.argv[1], store=open_store(), detached=True, port=int(sys.argv[2]))["endpoint"])
+"""
+
+
 @pytest.mark.slow
 def test_promote_leaves_a_head_that_predict_status_and_stop_find(home):
     from common import raylink
@@ -145,10 +159,14 @@ def test_promote_leaves_a_head_that_predict_status_and_stop_find(home):
     port = free_port()
     head = raylink.head_dir()
     try:
-        out = _cli("promote", "job-head", "--port", str(port), timeout=600)
+        demo = subprocess.run([sys.executable, "-c", DEMO_PROMOTION, "job-head", str(port)], capture_output=True,
+                              text=True, timeout=600, cwd=REPO)
+        assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+        assert demo.stdout.split()[-1] == f"http://127.0.0.1:{port}"
+        assert raylink.local_head_address()  # the head outlives the process that started it
+        out = _cli("promote", "job-head", "--port", str(port), timeout=600)  # a second promotion joins that head
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         assert f"serving trial t1 of job-head at http://127.0.0.1:{port}" in " ".join(out.stdout.split())
-        assert raylink.local_head_address()  # the head outlives the command that started it
 
         answer = _cli("predict", "a good film")
         assert answer.returncode == 0, answer.stdout + answer.stderr
