@@ -54,7 +54,7 @@ def _prepare_teacher(spec: JobSpec, cache_dir: Path) -> dict:
     """Runs as a Ray task so that, on a cluster, the teacher trains on a worker node, not the driver."""
     t, data = prepare_teacher(spec, cache_dir)
     return {"teacher_uri": t.uri, "teacher_metrics": t.metrics, "train": t.train, "eval": t.eval,
-            "logits": t.train_logits, "dataset": data.source, "teacher_key": t.key}
+            "logits": t.train_logits, "dataset": data.source, "teacher_key": t.key, "augmented_rows": t.augmented}
 
 
 def checkpoint_period(num_trials: int) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from common.config import Frozen, Int, Str
+from workers.augment import AugmentConfig
 from common.errors import DataError
 
 __all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout", "label_names"]
@@ -67,6 +68,8 @@ class TaskConfig(Frozen):
     train_split: Str = "train"
     eval_split: Str = Field(None, description="default: the known layout's, else validation")
     seed: Int = 0
+    augment: AugmentConfig = Field(AugmentConfig(), description="teacher-labelled copies of the training rows: "
+                                   "copies, replace_prob, mask_prob, neighbours, seed")
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.augment import NO_LABEL
 from workers.batching import batches_per_epoch, epoch_batches, rank_share
 from workers.configs import DistillConfig, TrainConfig
 from workers.data import Encoded
@@ -35,8 +36,11 @@ StepCallback = Callable[[int, int, nn.Module], None]  # (step, total_steps, stud
 
 def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float) -> torch.Tensor:
     """alpha * T² * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels) (Hinton et al., 2015).
-    The T² keeps the soft term's gradients on the same scale as the hard term's when T changes."""
-    ce = F.cross_entropy(student_logits, labels)
+    The T² keeps the soft term's gradients on the same scale as the hard term's when T changes. Rows labelled
+    ``augment.NO_LABEL`` (augmented copies) take part only in the soft term."""
+    labelled = labels != NO_LABEL
+    # cross_entropy's mean over no rows is NaN: a batch of augmented rows only has a soft term
+    ce = F.cross_entropy(student_logits, labels) if labelled.any() else student_logits.sum() * 0
     if teacher_logits is None or alpha == 0:
         return ce
     t = temperature

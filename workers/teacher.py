@@ -10,6 +10,7 @@ second job wait for the first and then reuse its teacher.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from workers import teacher_cache
+from workers.augment import NO_LABEL, Augmenter
 from workers.configs import DistillConfig, TrainConfig
 from workers.data import Encoded, Split, TaskData, encode, label_names
 from common.errors import ConfigError
@@ -91,6 +93,7 @@ class Teacher:
     train: Encoded  # the students' training rows, tokenised by the teacher's tokenizer
     eval: Encoded
     key: str  # the cache key: names the teacher's directory, and provenance for what was distilled from it
+    augmented: int = 0  # the last rows of ``train`` are augmented copies, labelled only by ``train_logits``
 
 
 def fingerprint(model_path: str, rows: Split, data: TaskData, train: TrainConfig,
@@ -112,7 +115,9 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
 
     The teacher fine-tunes on ``teacher_rows`` (default: ``data.train``) and is measured on ``data.eval``; its
     logits are for ``data.train``, the students' rows. ``progress(step, total, loss)`` follows the fine-tune
-    and ``on_stage(what)`` is told what preparation is doing (waiting for another job, fine-tuning, ...)."""
+    and ``on_stage(what)`` is told what preparation is doing (waiting for another job, fine-tuning, ...).
+    With ``task.augment.copies`` the students' rows are followed by their augmented copies (``Teacher.augmented``
+    of them), whose only labels are the teacher's logits."""
     import transformers
 
     from workers import artifacts
@@ -137,8 +142,42 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
     train_enc = encode(data.train, tok, data.config.max_length)
     eval_enc = encode(data.eval, tok, data.config.max_length)
     logits = _train_logits(net, out, lock, data.train, train_enc, stage)
+    augment = data.config.augment
+    added = 0
+    if augment.copies:
+        texts, extra = _augmented(net, tok, out, lock, data, augment, stage)
+        rows = Split(list(data.train.texts) + texts,
+                     np.concatenate([data.train.labels, np.full(len(texts), NO_LABEL, dtype=np.int64)]))
+        train_enc = encode(rows, tok, data.config.max_length)
+        logits, added = np.concatenate([logits, extra]), len(texts)
     stage("ready")
-    return Teacher(str(out.resolve()), meta["metrics"], logits, train_enc, eval_enc, key)
+    return Teacher(str(out.resolve()), meta["metrics"], logits, train_enc, eval_enc, key, added)
+
+
+def _augmented(net, tok, out: Path, lock: Path, data: TaskData, augment, stage) -> tuple[list, np.ndarray]:
+    """(augmented copies of the students' rows, the teacher's logits on them): made once per (teacher, rows,
+    settings) and kept beside the teacher."""
+    from workers.evaluate import predict_logits
+
+    k = teacher_cache.key(rows=teacher_cache.rows_hash(data.train.texts, data.train.labels),
+                          augment=augment.model_dump(mode="json"), code=teacher_cache.source_hash("workers.augment"))
+    texts_file, logits_file = out / f"augmented-{k}.json", out / f"logits-{k}.npy"
+    if not logits_file.is_file():
+        with teacher_cache.locked(lock):
+            if not logits_file.is_file():
+                stage(f"augmenting ({augment.copies} copies of {len(data.train)} rows)")
+                embeddings = net.get_input_embeddings().weight.detach().float().numpy()
+                texts = Augmenter(augment, tok, embeddings, data.train.texts).rows(data.train.texts)
+                tmp = texts_file.with_name(texts_file.name + ".tmp")
+                tmp.write_text(json.dumps(texts, ensure_ascii=False))
+                os.replace(tmp, texts_file)
+                stage("teacher logits on the augmented rows")
+                enc = encode(Split(texts, np.full(len(texts), NO_LABEL, dtype=np.int64)), tok, data.config.max_length)
+                tmp = logits_file.with_name(f"{logits_file.stem}.tmp.npy")
+                np.save(tmp, predict_logits(net, enc), allow_pickle=False)
+                os.replace(tmp, logits_file)  # last: its presence says both files are complete
+    texts = [tuple(t) if isinstance(t, list) else t for t in json.loads(texts_file.read_text())]
+    return texts, np.load(logits_file, allow_pickle=False)
 
 
 def _train_logits(net, out: Path, lock: Path, rows: Split, enc: Encoded, stage) -> np.ndarray:
