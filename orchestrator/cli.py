@@ -405,11 +405,13 @@ def export_cmd(job: str,
                out: Optional[Path] = typer.Option(None, "--out", help="folder to write (default: beside the "
                                                                       "artifact, <artifact>-onnx)"),
                ptq: Optional[str] = typer.Option(None, "--ptq", help="ort-dynamic-int8: quantize an fp32 "
-                                                                     "artifact with ONNX Runtime's quantizer")):
+                                                                     "artifact with ONNX Runtime's quantizer"),
+               min_agreement: float = typer.Option(0.995, "--min-agreement", help="share of dev predictions the "
+                                                   "export must share with the artifact, or nothing is written")):
     """Export a trial's model to ONNX with its own quantization, checked against it on the job's dev split."""
     from orchestrator.exporting import export_trial
 
-    report = export_trial(job, trial, fmt=fmt, out=out, ptq=ptq)
+    report = export_trial(job, trial, fmt=fmt, out=out, ptq=ptq, min_agreement=min_agreement)
     v = report.verification
     console.print(f"exported trial {trial} of {job} to {report.out_dir} ({report.onnx['bytes'] / 1e6:.2f} MB, "
                   f"{report.quantization['summary']}); agrees on {v['argmax_agreement']:.2%} of {v['rows']} dev "

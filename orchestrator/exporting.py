@@ -22,11 +22,11 @@ def default_out(artifact_uri: str, fmt: str) -> Path:
 
 
 def export_trial(job_id: str, trial_id: str, *, fmt: str = "onnx", out: str | Path | None = None,
-                 ptq: str | None = None, store=None):
+                 ptq: str | None = None, min_agreement: float | None = None, store=None):
     """Export trial ``trial_id`` of ``job_id``; returns the workers.export.ExportReport."""
     from common.paths import open_store
     from workers import data as task_data
-    from workers.export import export, require_onnx
+    from workers.export import MIN_AGREEMENT, export, require_onnx
 
     if fmt not in FORMATS:
         raise ExportError(f"--format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -42,7 +42,7 @@ def export_trial(job_id: str, trial_id: str, *, fmt: str = "onnx", out: str | Pa
                           "pick another with --trial")
     rows = _dev_rows(job.get("spec") or {}, uri, task_data)
     return export(uri, out or default_out(uri, fmt), rows=rows, ptq=ptq,
-                  source={"job": job_id, "trial": trial_id, "dataset": job.get("dataset")})
+                  min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement, source={"job": job_id, "trial": trial_id, "dataset": job.get("dataset")})
 
 
 def _dev_rows(spec: dict, uri: str, task_data):

@@ -164,6 +164,7 @@ def test_ort_dynamic_ptq_of_an_fp32_artifact(tmp_path, tok, rows):
     report = export(art, tmp_path / "onnx", rows=rows, ptq="ort-dynamic-int8")
     assert "MatMulInteger" in {n.op_type for n in _graph(tmp_path / "onnx").graph.node}
     assert report.verification["argmax_agreement"] >= 0.995
+    assert set(report.verification["accuracy"]) == {"torch", "onnx"}  # the given rows carry labels
     assert any("derived" in n for n in report.notes)  # the report says the scales are ONNX Runtime's
 
 

@@ -112,7 +112,7 @@ def export(artifact_uri: str | os.PathLike, out_dir: str | os.PathLike, *, rows=
         if ptq is not None:
             _ort_dynamic_int8(tmp / MODEL)
         onnx.checker.check_model(str(tmp / MODEL))
-        verification = _verify(reference, tmp / MODEL, names, rows, min_agreement, tokenizer)
+        verification = _verify(reference, tmp / MODEL, rows, min_agreement, tokenizer, ptq)
         shutil.copy2(src / "config.json", tmp / "config.json")  # labels and shapes, for serving
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -324,7 +324,7 @@ def _random_rows(tokenizer, vocab: int):
     return Encoded(ids, np.zeros_like(ids), lengths, np.zeros(_RANDOM_ROWS, dtype=np.int64))
 
 
-def _verify(reference, path: Path, names: list[str], rows, min_agreement: float, tokenizer) -> dict:
+def _verify(reference, path: Path, rows, min_agreement: float, tokenizer, ptq: str | None) -> dict:
     from workers.evaluate import predict_logits
     from workers.onnx_runtime import session, run_logits
 
@@ -340,8 +340,13 @@ def _verify(reference, path: Path, names: list[str], rows, min_agreement: float,
     diff = float(np.abs(torch_logits - onnx_logits).max())
     result = {"rows": int(len(rows)), "on": where, "max_abs_logit_diff": diff, "argmax_agreement": agree,
               "min_agreement": min_agreement}
+    if where == "given rows":  # real labels: the accuracy each runtime gets on them
+        result["accuracy"] = {"torch": float((torch_logits.argmax(-1) == rows.labels).mean()),
+                              "onnx": float((onnx_logits.argmax(-1) == rows.labels).mean())}
     if not agree >= min_agreement:
+        hint = (f"; {ptq} re-quantizes the fp32 model, which changes some predictions by design: lower "
+                "--min-agreement to accept it") if ptq else ""
         raise ExportError(f"export refused: the ONNX model agrees with the PyTorch artifact on {agree:.2%} of "
-                          f"{len(rows)} rows (needs {min_agreement:.1%}; max logit difference {diff:.3g}); "
+                          f"{len(rows)} rows (needs {min_agreement:.1%}; max logit difference {diff:.3g}){hint}; "
                           "nothing written")
     return result
