@@ -49,6 +49,11 @@ bench-serve: setup
 bench-reliability: setup
 	$(BIN)/python -m bench.reliability
 
+# Each part of bench/data.py side by side in one run; PART=d runs one part.
+PART ?=
+bench-data: setup
+	$(BIN)/python -m bench.data $(if $(PART),--part $(PART),)
+
 # 1,000 sleep-bound trials on 8 simulated nodes, into SQLite and into PostgreSQL (.ci/postgres.sh): ~25 min.
 bench-scale: setup
 	$(BIN)/python -m bench.scale
