@@ -175,10 +175,12 @@ class JobSpec(Frozen):
         return self.latency.seq_len or self.task.max_length
 
     def stored(self) -> dict:
-        """The spec as stored with the job (JSON-ready): secrets (DB passwords) masked."""
+        """The spec as stored with the job (JSON-ready): secrets (DB passwords) masked, and without
+        ``ray_address``: where a run connects is not part of the job (a detached driver joins its cluster with
+        auto, `resume --address` picks again), so every submission of one spec stores the same thing."""
         from db import display_url
 
-        d = self.model_dump(mode="json")
+        d = self.model_dump(mode="json", exclude={"ray_address"})
         if d["storage"].get("db_url"):
             d["storage"]["db_url"] = display_url(d["storage"]["db_url"])
         return d

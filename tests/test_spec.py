@@ -186,3 +186,9 @@ def _section_models():
 def test_every_spec_section_round_trips_through_json(cfg):
     assert type(cfg).model_validate(json.loads(json.dumps(cfg.model_dump(mode="json")))) == cfg
     assert type(cfg).model_validate_json(cfg.model_dump_json()) == cfg
+
+
+def test_where_a_run_connects_is_not_stored():
+    spec = parse({"name": "x", "ray_address": "ray://head:10001"})
+    assert "ray_address" not in spec.stored()
+    assert spec.stored() == spec.model_copy(update={"ray_address": None}).stored()
