@@ -91,3 +91,19 @@ def teacher(progress: bool = True):
             print(f"  teacher fine-tuning: step {step}/{total}, loss {loss:.3f}", flush=True)
 
     return data, prepare("minilm", data, TrainConfig(**TEACHER_TRAIN), CACHE, progress=show)
+
+
+def write_part(name: str, part: str, rows: list[dict], targets: list[dict], extra: dict | None = None) -> Path:
+    """Write one part of a benchmark into results/<name>.json and keep the file's other parts: every row and
+    target carries its ``part``, and ``extra`` is stored under the part's name. What a file holds without a part
+    (written before parts were tagged) is dropped."""
+    try:
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        old = {}
+    rows_ = [r for r in old.get("rows", []) if r.get("part") not in (None, part)]
+    targets_ = [t for t in old.get("targets", []) if t.get("part") not in (None, part)]
+    parts = {r["part"] for r in rows_ + targets_}
+    kept = {k: v for k, v in old.items() if k in parts}
+    return write(name, rows_ + [{"part": part, **r} for r in rows], targets_ + [{**t, "part": part} for t in targets],
+                 {**kept, **({part: extra} if extra else {})})

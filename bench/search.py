@@ -1,25 +1,30 @@
-"""bench-search: (a) search efficiency and (b) orchestration overhead.
+"""bench-search: (P2) search efficiency and (b) orchestration overhead.
 
-(a) Multi-objective TPE + ASHA vs random search, same trial budget, real trials (1–3-layer students of the
-    benchmarks' fine-tuned MiniLM teacher on an SST-2 subset): hypervolume as a function of the compute spent
-    (training steps). Target: TPE+ASHA reaches random's final hypervolume with ≤ 50% of random's compute.
+(P2) TPE + multi-objective ASHA, random search and TPE + accuracy-only ASHA, same trial budget, one search per
+    strategy and seed, real trials (1–3-layer students of the benchmarks' fine-tuned MiniLM teacher on an SST-2
+    subset, logits-only distillation from cached teacher logits): the front's hypervolume against the training
+    steps spent. Target: TPE + MO-ASHA reaches random search's final hypervolume with ≤ 50% of random's steps
+    (median over seeds; each search is compared with the random search of its own seed).
 (b) With a trainable that sleeps, the share of a search's wall time spent outside trials (target ≤ 5%), and
     trial throughput on a simulated 4-node cluster vs 1 node (target ≥ 3.5×), through slimray's own driver
     pieces (searcher factory, store recorder, cancel stopper).
 
-    make bench-search                 # (a) ~25 min + (b) ~2 min on 2 cores
+    make bench-search                 # P2 ~30 min + (b) ~2 min on 2 cores
+    python -m bench.search --part p2 --seeds 1 --trials 3
     python -m bench.search --part overhead
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_table, print_targets, setup_env, target, teacher, write
+from bench.common import CACHE, print_table, print_targets, setup_env, target, teacher, write, write_part
 
+# P2: every search draws from this space on the same teacher and task; only the strategy and the seed change.
 SPACE = {
     "student": {"layers": [1, 2, 3]},
     "prune": {"kind": ["none", "heads", "ffn", "structured"], "sparsity": {"low": 0.2, "high": 0.7},
@@ -28,69 +33,148 @@ SPACE = {
     "distill": {"temperature": {"low": 1.0, "high": 6.0}},
     "train": {"lr": {"low": 3e-5, "high": 1e-3, "log": True}},
 }
+OBJECTIVES = [("metric", "max"), ("size_bytes", "min"), ("latency_ms_b1", "min")]
+STRATEGIES = {"random": {"name": "random", "asha": "none"},
+              "tpe+mo-asha": {"name": "tpe", "asha": "mo"},
+              "tpe+metric-asha": {"name": "tpe", "asha": "metric"}}
 
 
-def _job(name: str, algorithm: dict, teacher_uri: str, root: Path, trials: int, steps: int) -> dict:
+def _p2_job(label: str, seed: int, teacher_uri: str, root: Path, trials: int, steps: int, every: int) -> dict:
+    algorithm = {**STRATEGIES[label], "seed": seed, "time_attr": "step", "grace_period": every, "max_t": steps,
+                 "reduction_factor": 2}
     return {
-        "name": name, "teacher": teacher_uri,
-        "task": {"dataset": "glue/sst2", "train_size": 8000, "eval_size": 400, "max_length": 64},
-        "search": SPACE, "algorithm": algorithm,
-        "objectives": ["metric:max", "size_bytes:min", "latency_ms_b1:min"],
-        "budget": {"num_trials": trials, "max_concurrent": 1},
-        "train": {"epochs": 1, "max_steps": steps, "batch_size": 32, "eval_every": max(1, steps // 4)},
+        "name": f"p2-{label.replace('+', '-')}-s{seed}", "teacher": teacher_uri,
+        # 2,000 rows: a trial reads at most steps × 32 of them; 300 dev rows keep each rung's evaluation short
+        "task": {"dataset": "glue/sst2", "train_size": 2000, "eval_size": 300, "max_length": 64},
+        "search": SPACE, "algorithm": algorithm, "objectives": [f"{n}:{m}" for n, m in OBJECTIVES],
+        "budget": {"num_trials": trials, "max_concurrent": 1}, "resources": {"cpus": 2},
+        "train": {"epochs": 1, "max_steps": steps, "batch_size": 32, "eval_every": every},
         "latency": {"runs": 10, "seq_len": 64},
-        "storage": {"db_url": f"sqlite:///{root}/search.db", "artifact_dir": str(root / "jobs")},
+        "storage": {"db_url": f"sqlite:///{root}/p2.db", "artifact_dir": str(root / "jobs")},
     }
 
 
-def _curve(trials: list[dict], baseline: dict) -> list[tuple[float, float]]:
-    """(cumulative training steps, hypervolume of everything finished so far), in completion order."""
+def _steps(store, job_id: str, trial: dict) -> float:
+    """Training steps a trial ran: its last report's step (a stopped trial's rung), else its history's."""
+    result = trial.get("result") or {}
+    got = result.get("step") or result.get("train_steps")
+    if got is None:
+        got = max((h.get("step") or 0 for h in store.metric_history(job_id, trial["trial_id"])), default=0)
+    return float(got)
+
+
+def _curve(store, job_id: str, baseline: dict) -> list[tuple[float, float]]:
+    """(training steps spent so far, hypervolume of the finished trials' front), one point per trial in
+    completion order. Only trials that ran to the end count towards the front: a stopped one left no model."""
     from orchestrator.report import normalised, reference
     from search.pareto import front, hypervolume
 
-    objs = [("metric", "max"), ("size_bytes", "min"), ("latency_ms_b1", "min")]
-    ref = reference(objs, baseline)
+    directions = [m for _, m in OBJECTIVES]
+    ref = reference(OBJECTIVES, baseline)
     done, spent, out = [], 0.0, []
-    for t in sorted(trials, key=lambda t: t["finished_at"] or ""):
-        hist = t.get("result") or {}
-        spent += float(hist.get("step") or hist.get("train_steps") or 0)
-        if t["status"] == "terminated" and t.get("size_bytes"):
-            done.append(normalised(t, objs, baseline))
-        pts = [done[i] for i in front(done, [m for _, m in objs])] if done else []
-        out.append((spent, hypervolume(pts, [m for _, m in objs], ref) if pts else 0.0))
+    for t in sorted(store.trials(job_id), key=lambda t: t["finished_at"] or ""):
+        spent += _steps(store, job_id, t)
+        if t["status"] == "terminated" and all(t.get(n) is not None for n, _ in OBJECTIVES):
+            done.append(normalised(t, OBJECTIVES, baseline))
+        pts = [done[i] for i in front(done, directions)] if done else []
+        out.append((spent, hypervolume(pts, directions, ref) if pts else 0.0))
     return out
 
 
-def efficiency(trials: int, steps: int) -> tuple[list[dict], list[dict], dict]:
+def _reach(curve: list[tuple[float, float]], goal: float) -> float | None:
+    """Training steps after which ``curve`` first reaches hypervolume ``goal`` (None: never)."""
+    if goal <= 0:
+        return None
+    return next((s for s, hv in curve if hv >= goal * (1 - 1e-9)), None)
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2 if s else float("nan")
+
+
+def _p2_summary(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Rows per (strategy, seed) and per strategy, and the target. Each run is compared with the random search
+    of its own seed: same trial budget, and the steps random needed for its final hypervolume as the unit."""
+    random = {r["seed"]: r for r in runs if r["strategy"] == "random"}
+    rows = []
+    for r in runs:
+        base = random.get(r["seed"])
+        reach = _reach(r["curve"], base["final_hypervolume"]) if base else None
+        share = reach / base["train_steps"] if reach is not None and base and base["train_steps"] else None
+        rows.append({k: r[k] for k in ("strategy", "seed", "trials", "stopped_early", "failed", "train_steps",
+                                       "final_hypervolume", "wall_s")}
+                    | {"steps_to_random_hv": reach, "share_of_random_steps": share})
+    summary = []
+    for label in STRATEGIES:
+        mine = [row for row in rows if row["strategy"] == label]
+        if not mine:
+            continue
+        shares = [row["share_of_random_steps"] if row["share_of_random_steps"] is not None else math.inf
+                  for row in mine]
+        summary.append({"strategy": label, "seed": "median", "trials": _median([x["trials"] for x in mine]),
+                        "stopped_early": _median([x["stopped_early"] for x in mine]),
+                        "failed": sum(x["failed"] for x in mine),
+                        "train_steps": _median([x["train_steps"] for x in mine]),
+                        "final_hypervolume": _median([x["final_hypervolume"] for x in mine]),
+                        "wall_s": _median([x["wall_s"] for x in mine]),
+                        "reached": f"{sum(math.isfinite(s) for s in shares)}/{len(shares)}",
+                        "share_of_random_steps": _median(shares) if math.isfinite(_median(shares)) else None})
+    mo = next((s for s in summary if s["strategy"] == "tpe+mo-asha"), None)
+    targets = []
+    if mo is not None:
+        share = mo["share_of_random_steps"]
+        value = round(share, 3) if share is not None else "never reached (median seed)"
+        targets.append(target("P2: TPE+MO-ASHA training steps to reach random search's final hypervolume "
+                               f"(median over {len(random)} seeds)", "≤ 0.5× random's", value,
+                              share is not None and share <= 0.5))
+    return rows + summary, targets
+
+
+def p2(seeds: list[int], trials: int, steps: int, every: int, on_run=None) -> tuple[list[dict], list[dict], dict]:
+    """TPE + MO-ASHA, random search and TPE + accuracy-only ASHA, once per seed each, on the same task, with
+    hypervolume tracked against training steps. All hypervolumes share one reference point: the first job's
+    teacher baseline (every job measures the same cached teacher). ``on_run(rows, targets, extra)`` is called
+    after each search so that a long run leaves results behind as it goes."""
+    import shutil
+
     from db import Store
     from orchestrator.jobs import submit
+    from orchestrator.report import describe_config, reference
     from orchestrator.spec import parse
 
     _, t = teacher()
-    root = Path(tempfile.mkdtemp(prefix="slimray-bench-search-"))
-    curves, rows = {}, []
-    for label, algo in (("random", {"name": "random", "asha": "none", "seed": 0}),
-                        ("tpe+asha", {"name": "tpe", "asha": "metric", "grace_period": max(1, steps // 4),
-                                      "max_t": steps, "reduction_factor": 2, "seed": 0})):
-        t0 = time.perf_counter()
-        job_id = submit(parse(_job(f"bench-{label.replace('+', '-')}", algo, t.uri, root, trials, steps)))
-        wall = time.perf_counter() - t0
-        store = Store(f"sqlite:///{root}/search.db")
-        job = store.get_job(job_id)
-        tr = store.trials(job_id)
-        curves[label] = _curve(tr, job["baseline"])
-        rows.append({"search": label, "trials": len(tr),
-                     "stopped_early": sum(x["status"] == "stopped_early" for x in tr),
-                     "failed": sum(x["status"] == "error" for x in tr),
-                     "train_steps": curves[label][-1][0] if curves[label] else 0,
-                     "final_hypervolume": curves[label][-1][1] if curves[label] else 0.0, "wall_s": wall})
-    goal = curves["random"][-1][1] if curves["random"] else 0.0
-    spent_random = curves["random"][-1][0] if curves["random"] else 0.0
-    reach = next((s for s, hv in curves["tpe+asha"] if hv >= goal and goal > 0), None)
-    share = (reach / spent_random) if reach is not None and spent_random else float("inf")
-    targets = [target("TPE+ASHA compute to reach random's final hypervolume", "≤ 0.5× random's",
-                      round(share, 3) if share != float("inf") else "never reached", share <= 0.5)]
-    return rows, targets, {"curves": {k: [list(p) for p in v] for k, v in curves.items()}}
+    # one root for every run: the job teacher (its dev metrics, latency and logits) is prepared once and reused
+    root = CACHE / "search-p2"
+    root.mkdir(parents=True, exist_ok=True)
+    runs, baseline = [], None
+    for seed in seeds:
+        for label in STRATEGIES:
+            t0 = time.perf_counter()
+            job_id = submit(parse(_p2_job(label, seed, t.uri, root, trials, steps, every)))
+            wall = time.perf_counter() - t0
+            store = Store(f"sqlite:///{root}/p2.db")
+            baseline = baseline or store.get_job(job_id)["baseline"]
+            curve = _curve(store, job_id, baseline)
+            trials_ = store.trials(job_id)
+            runs.append({"strategy": label, "seed": seed, "job_id": job_id, "trials": len(trials_),
+                         "stopped_early": sum(x["status"] == "stopped_early" for x in trials_),
+                         "failed": sum(x["status"] == "error" for x in trials_),
+                         "train_steps": curve[-1][0] if curve else 0.0,
+                         "final_hypervolume": curve[-1][1] if curve else 0.0, "wall_s": wall, "curve": curve,
+                         "trials_detail": [{"config": describe_config(x["config"]), "status": x["status"],
+                                            "steps": _steps(store, job_id, x),
+                                            **{n: x.get(n) for n, _ in OBJECTIVES}} for x in trials_]})
+            shutil.rmtree(root / "jobs" / job_id, ignore_errors=True)  # trial artifacts: tens of MB each
+            rows, targets = _p2_summary(runs)
+            extra = {"settings": {"seeds": seeds, "trials": trials, "max_steps": steps, "eval_every": every,
+                                  "grace_period": every, "reduction_factor": 2, "batch_size": 32,
+                                  "reference": reference(OBJECTIVES, baseline), "baseline": baseline,
+                                  "compared_with": "the random search of the same seed"},
+                     "runs": [{k: v for k, v in r.items()} for r in runs]}
+            if on_run:
+                on_run(rows, targets, extra)
+    return rows, targets, extra
 
 
 def _sleepy(config, seconds: float):
@@ -163,9 +247,11 @@ def overhead(n_trials: int, seconds: float) -> tuple[list[dict], list[dict]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--part", choices=("all", "efficiency", "overhead"), default="all")
-    ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=48, help="max training steps per trial (batch 32)")
+    ap.add_argument("--part", choices=("all", "p2", "overhead"), default="all")
+    ap.add_argument("--seeds", type=int, default=3, help="P2: searches per strategy (seeds 0..n-1)")
+    ap.add_argument("--trials", type=int, default=10, help="P2: trials per search")
+    ap.add_argument("--steps", type=int, default=32, help="P2: training steps of a trial run to the end (batch 32)")
+    ap.add_argument("--eval-every", type=int, default=8, help="P2: steps between reports; also ASHA's first rung")
     ap.add_argument("--sleep-trials", type=int, default=8)
     ap.add_argument("--sleep-s", type=float, default=15.0, help="a short real trial here takes 15–60 s")
     args = ap.parse_args(argv)
@@ -176,13 +262,17 @@ def main(argv=None) -> None:
                            "trials_per_min"])
         print_targets(targets)
         print(f"wrote {write('overhead', rows, targets)}")
-    if args.part in ("all", "efficiency"):
-        rows, targets, extra = efficiency(args.trials, args.steps)
-        print_table(rows, ["search", "trials", "stopped_early", "failed", "train_steps", "final_hypervolume",
-                           "wall_s"])
-        print_targets(targets)
-        print(f"wrote {write('search', rows, targets, extra)}")
+    if args.part in ("all", "p2"):
+        columns = ["strategy", "seed", "trials", "stopped_early", "failed", "train_steps", "final_hypervolume",
+                   "steps_to_random_hv", "share_of_random_steps", "reached", "wall_s"]
 
+        def save(rows, targets, extra):
+            return write_part("search", "p2", rows, targets, extra)
+
+        rows, targets, extra = p2(list(range(args.seeds)), args.trials, args.steps, args.eval_every, on_run=save)
+        print_table(rows, columns)
+        print_targets(targets)
+        print(f"wrote {save(rows, targets, extra)}")
 
 if __name__ == "__main__":
     main()
