@@ -199,12 +199,9 @@ def serving_throughput(port: int, models: dict, inputs: list, clients: int, dura
 
 
 def ask(endpoint: str, items: list) -> list:
-    import urllib.request
+    from common.client import predict
 
-    req = urllib.request.Request(endpoint.rstrip("/") + "/v1/predict", data=json.dumps({"inputs": items}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=60) as resp:
-        return json.loads(resp.read())["predictions"]
+    return predict(endpoint, items, timeout=60)["predictions"]
 
 
 # --------------------------------------------------------------------------- report
