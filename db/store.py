@@ -140,6 +140,12 @@ class Store:
             _job(s, job_id).tune_path = str(path)
 
     @retrying
+    def set_job_warm_sources(self, job_id: str, sources: Iterable[str]) -> None:
+        """The earlier jobs whose finished trials seeded this job's searcher (``search.warm_start``)."""
+        with self._session() as s:
+            _job(s, job_id).warm_sources = [str(j) for j in sources]
+
+    @retrying
     def get_job(self, job_id: str) -> dict[str, Any]:
         with self._session() as s:
             return job_dict(_job(s, job_id), _trial_counts(s, [job_id]).get(job_id, {}))

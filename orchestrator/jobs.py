@@ -69,7 +69,7 @@ _USER_CHECKPOINT_S = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
 
 
 def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, restore_path: str | None,
-           trial_fn):
+           trial_fn, warm: list):
     from ray import tune
 
     from orchestrator.recorder import Recorder
@@ -84,6 +84,10 @@ def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, r
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     search_alg, scheduler = make(spec.search, spec.algorithm, spec.objectives,
                                  max_concurrent=spec.budget.max_concurrent)
+    if warm:
+        from search.warmstart import seed
+
+        log.info("warm start: %d earlier trials seed the searcher", seed(search_alg, spec.search, warm))
     root = _artifact_root(spec, job_id)
     return tune.Tuner(
         trainable,
@@ -154,13 +158,19 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
         prep = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(prepare or _prepare_teacher)
         bundle = ray.get(prep.remote(spec, cache))
         store.set_job_baseline(job_id, {**bundle["teacher_metrics"], "uri": bundle["teacher_uri"]})
+        restore_path = restore_path if restore_path and Path(restore_path).exists() else None
+        warm = []
+        if spec.search.warm_start and not restore_path:  # a restored searcher keeps what it was seeded with
+            from orchestrator.warm_start import gather
+
+            sources, warm = gather(store, spec, job_id, bundle["teacher_uri"])
+            store.set_job_warm_sources(job_id, sources)
         shared = {"ref": ray.put(bundle)}  # wrapped in a dict: with_parameters would resolve a bare ref
         settings = TrialSettings(
             spec=spec, job_id=job_id, out_root=str(root / "trials"),
             provenance={"job_id": job_id, "dataset": bundle["dataset"], "task": spec.task.model_dump(mode="json"),
                         "code_version": code_version()})
-        tuner = _tuner(spec, job_id, store.url, shared, settings,
-                       restore_path if restore_path and Path(restore_path).exists() else None, trainable or run_trial)
+        tuner = _tuner(spec, job_id, store.url, shared, settings, restore_path, trainable or run_trial, warm)
         store.set_job_stage(job_id, "search", {"done": 0, "total": spec.budget.num_trials, "unit": "trials"})
         tuner.fit()
         store.set_job_stage(job_id, "front")
@@ -195,6 +205,9 @@ def submit(spec: JobSpec, *, address: str | None = None, job_id: str | None = No
 
         return submit_detached(spec, job_id)
     store = store or open_store(spec.storage.db_url)
+    from orchestrator.warm_start import check_sources
+
+    check_sources(store, spec)
     store.create_job(job_id, spec.name, spec.stored(), teacher=spec.teacher, dataset=spec.task.dataset,
                      code_version=code_version())
     return _run(job_id, spec, store)

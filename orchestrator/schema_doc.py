@@ -79,6 +79,9 @@ def _table(model: dict, defs: dict) -> list[str]:
 def _search(section: dict) -> list[str]:  # the space's own schema: sections of knobs
     lines = ["| knob | what a value may be |", "|---|---|"]
     for name, body in section["properties"].items():
+        if "properties" not in body:  # a setting of the whole search (warm_start), not a section of knobs
+            lines.append(f"| `{name}` | {_cell(body.get('description', ''))} |")
+            continue
         for key, knob in body["properties"].items():
             lines.append(f"| `{name}.{key}` | {_cell(knob['description'])} |")
     return lines

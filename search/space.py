@@ -372,6 +372,23 @@ def _schema(rule: _Rule, description: str) -> dict:
     return {"anyOf": forms, "description": f"{description}: {rule.allowed}" if description else rule.allowed}
 
 
+_WARM_START_DOC = ("seed the searcher with the finished trials of earlier jobs: auto (every job in the store with "
+                   "the same teacher and task) or a list of job ids; trials whose config lies outside this space "
+                   "are skipped and none runs again. tpe and nsga2 learn from them; random and grid only record "
+                   "the sources")
+
+
+def _warm_start(raw) -> tuple:
+    """(``search.warm_start`` normalised, or None; a problem line or None)."""
+    if raw is None or raw == "auto":
+        return raw, None
+    if isinstance(raw, (list, tuple)) and raw and all(isinstance(j, str) and j.strip() for j in raw):
+        if len(set(raw)) < len(raw):
+            return None, f"search.warm_start: lists a job twice, got {_show(raw)}; list each job id once"
+        return tuple(raw), None
+    return None, f"search.warm_start: must be auto or a list of job ids, got {_show(raw)}"
+
+
 class SearchSpace(Frozen):
     """The searched dimensions: ``dims`` pairs a flat name (``"prune.sparsity"``) with its dimension, in
     sampling order. Built from the YAML form (``SearchSpace.model_validate({"prune": {...}})``) or from
@@ -381,19 +398,28 @@ class SearchSpace(Frozen):
     _error: ClassVar[type] = SpecError
 
     dims: tuple[tuple[str, Fixed | Choice | Range], ...] = ()
+    # earlier jobs whose finished trials seed the searcher: "auto" (every job with the same teacher and task)
+    # or their ids; see search.warmstart
+    warm_start: Literal["auto"] | tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _from_yaml(cls, data):
         if isinstance(data, SearchSpace):
             return data
-        if isinstance(data, dict) and set(data) == {"dims"}:
+        warm = None
+        if isinstance(data, dict) and "warm_start" in data:
+            data = dict(data)
+            warm = data.pop("warm_start")
+        if isinstance(data, dict) and data and set(data) == {"dims"}:
             dims, problems = _check_dims(data["dims"])
         else:
             dims, problems = _parse(data)
+        warm, warm_problem = _warm_start(warm)
+        problems += [warm_problem] if warm_problem else []
         if problems:
             raise Problems(*map(_relative, problems))
-        return {"dims": tuple((n, dims[n]) for n in DIMENSIONS if n in dims)}
+        return {"dims": tuple((n, dims[n]) for n in DIMENSIONS if n in dims), "warm_start": warm}
 
     @model_serializer
     def _to_yaml(self) -> dict:
@@ -401,6 +427,8 @@ class SearchSpace(Frozen):
         for name, dim in self.dims:
             section, key = name.split(".")
             out.setdefault(section, {})[key] = _raw(dim)
+        if self.warm_start is not None:
+            out["warm_start"] = self.warm_start if self.warm_start == "auto" else list(self.warm_start)
         return out
 
     @classmethod
@@ -414,7 +442,11 @@ class SearchSpace(Frozen):
                 field = next((m.model_fields[key] for m in models if key in m.model_fields), None)
                 props[key] = _schema(DIMENSIONS[f"{section}.{key}"], (field.description or "") if field else "")
             sections[section] = {"type": "object", "additionalProperties": False, "properties": props}
-        return {"type": "object", "title": "SearchSpace", "additionalProperties": False, "properties": sections,
+        warm = {"anyOf": [{"const": "auto"}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                              "minItems": 1}, {"type": "null"}], "default": None,
+                "description": _WARM_START_DOC}
+        return {"type": "object", "title": "SearchSpace", "additionalProperties": False,
+                "properties": {**sections, "warm_start": warm},
                 "description": "Each knob: one value, a list of choices, or a range {low, high, log, step}."}
 
     def get(self, name: str):

@@ -28,7 +28,8 @@ def test_hundred_one_second_trials_on_four_nodes_are_each_recorded_once(tmp_path
     assert row["trials_recorded"] == row["trials_unique"] == row["trials_ended"] == 100
     assert row["trials_full"] >= 1 and row["trials_full"] < 100  # MO-ASHA stopped some, kept some
     assert row["reports"] >= 100  # every trial reported before it ended
-    # no recorder backlog at the end: nothing queued, no report sent but not stored
-    assert row["recorder_pending_end"] == 0 and row["backlog_over_time"][-1][1] == 0
+    # no recorder backlog at the end: nothing queued, no report in flight, none lost
+    assert row["recorder_found"] and row["recorder_pending_end"] == 0 and row["backlog_over_time"][-1][1] == 0
+    assert row["reports_lost"] == 0
     [job] = Store(url).list_jobs()
     assert job["trial_counts"].get("running", 0) == 0

@@ -420,4 +420,4 @@ def test_json_schema_reads_the_bounds_from_the_configs():
     schema = SearchSpace.model_json_schema()
     sparsity = schema["properties"]["prune"]["properties"]["sparsity"]
     assert "a number in [0, 1)" in sparsity["description"]
-    assert set(schema["properties"]) == set(SECTIONS)
+    assert set(schema["properties"]) == set(SECTIONS) | {"warm_start"}  # the sections, and warm_start
