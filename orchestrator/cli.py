@@ -121,6 +121,8 @@ def _progress_table(store, job_id: str):
     lines = [f"{job_id}: {job['status']}" + (f" · {stage}" if stage else ""),
              f"trials: done {counts.get('terminated', 0)} · running {counts.get('running', 0)} · "
              f"stopped early {counts.get('stopped_early', 0)} · failed {counts.get('error', 0)}"]
+    if job.get("warm_sources") is not None:
+        lines.append(f"warm start: learned from {', '.join(job['warm_sources']) or 'no earlier job'}")
     columns = [Column("trial_id", "trial_id", "trial", 9), Column("metric", "metric", "metric", 8, True),
                Column("metric_drop", "metric_drop", "drop", 7, True), Column("size_bytes", "size", "size", 6, True),
                Column("latency_ms_b1", "latency_ms_b1", "b1 ms", 5, True)]
