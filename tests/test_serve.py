@@ -185,7 +185,7 @@ def test_health_model_info_and_openapi(served):
     assert info["labels"] == ["negative", "positive"] and info["max_length"] == 128
     assert info["size_bytes"] > 0 and info["artifact"] == served["arts"]["a"]
     assert info["serving"] == {"max_batch_size": 32, "batch_wait_timeout_s": 0.01, "max_inputs": 64, "auth": False,
-                               "torch_threads": info["serving"]["torch_threads"], "ptq": None}
+                               "torch_threads": info["serving"]["torch_threads"], "ptq": None, "runtime": "torch"}
     status, spec = call(served["url"] + "/openapi.json")
     assert status == 200 and {"/v1/predict", "/v1/model", "/healthz"} <= set(spec["paths"])
     status, page = call(served["url"] + "/docs")
