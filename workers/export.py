@@ -291,9 +291,11 @@ def _notes(layers, embedding, ptq) -> list[str]:
              "standard ops plus com.microsoft MatMulNBits for int4"]
     acts = {(layer.bits, layer.act) for layer in layers}
     if (8, "dynamic") in acts:
-        notes.append("dynamic int8: weights and per-row scales carried; ONNX Runtime quantizes activations to "
-                     "the full uint8 range per call where PyTorch's fbgemm kernel uses 7 bits (reduce_range); on "
-                     "CPUs without VNNI ONNX Runtime's u8s8 kernels can saturate int16 sums")
+        notes.append("dynamic int8: weights and per-row scales carried; activations quantized per call onto "
+                     "[0, 127] as PyTorch's fbgemm kernel does (reduce_range), written as ReduceMin/Max + "
+                     "QuantizeLinear, so ONNX Runtime does not fuse it into DynamicQuantizeMatMul; 7-bit "
+                     "activations also keep ONNX Runtime's u8s8 kernels clear of int16 saturation on CPUs "
+                     "without VNNI")
     if (8, "static") in acts:
         notes.append("static int8 (PTQ or QAT): weights, per-row scales and the calibrated input scale and zero "
                      "point carried as QDQ; no re-calibration")
