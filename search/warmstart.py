@@ -83,6 +83,9 @@ def seed(searcher, space: SearchSpace, points: list[tuple[dict, list[float]]]) -
     import optuna
 
     suggest = optuna_space(space)
+    # NSGA-II breeds only from trials tagged with a generation: the seeds make up its first one
+    generation = getattr(study.sampler, "_get_generation_key", None)
+    system_attrs = {generation(): 0} if generation else {}
     n = 0
     for params, values in points:
         if len(values) != len(study.directions) or not all(math.isfinite(v) for v in values):
@@ -91,6 +94,6 @@ def seed(searcher, space: SearchSpace, points: list[tuple[dict, list[float]]]) -
         suggest(replay)
         study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, values=list(values),
                                                   params=replay.params, distributions=replay.distributions,
-                                                  user_attrs={"warm_start": True}))
+                                                  user_attrs={"warm_start": True}, system_attrs=system_attrs))
         n += 1
     return n

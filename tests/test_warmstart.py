@@ -86,6 +86,15 @@ def test_seeded_points_are_completed_trials_of_the_study_and_the_sampler_goes_on
     assert config["distill.alpha"] == 0.5 and len(study.trials) == 3
 
 
+def test_nsga2_takes_the_seeds_as_its_first_generation():
+    searcher, _ = make(SPACE, SearchSettings(name="nsga2"), OBJECTIVES)
+    point = flat_params(stored(POINT), SPACE, BASE)
+    assert seed(searcher, SPACE, [(point, [80.0, 1e6]), (point, [79.0, 9e5])]) == 2
+    sampler = study_of(searcher).sampler
+    assert [sampler.get_trial_generation(study_of(searcher), t) for t in study_of(searcher).trials] == [0, 0]
+    assert searcher.suggest("next") is not None
+
+
 def test_random_search_has_no_study_to_seed():
     searcher, _ = make(SPACE, SearchSettings(name="random"), OBJECTIVES)
     assert study_of(searcher) is None
