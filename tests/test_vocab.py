@@ -81,6 +81,21 @@ def test_loading_with_another_tokenizer_is_an_error(pruned, tiny_tokenizer, tmp_
         Classifier(loaded, tiny_tokenizer, meta, uri)
 
 
+def test_the_onnx_export_serves_through_the_pruned_tokenizer(pruned, tiny_tokenizer, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from deploy import ort_backend
+    from deploy.classifier import Classifier
+    from workers.export import export
+
+    _, vocab, uri = pruned
+    _, tok, _ = artifacts.load(uri)
+    export(uri, tmp_path / "onnx", rows=retokenise(_rows(TRAIN + [f"a {UNSEEN} plot"], tiny_tokenizer), tok))
+    served, reference = ort_backend.load(tmp_path / "onnx"), Classifier.load(uri)
+    assert vocab_hash(served.tokenizer) == vocab_hash(vocab.tokenizer)
+    texts = [f"the {UNSEEN} film", "a great movie"]
+    assert torch.allclose(served.logits(texts), reference.logits(texts), atol=1e-4)
+
+
 def test_embeddings_are_reindexed_before_low_bit_embeddings(tiny_bert, tiny_tokenizer, tmp_path):
     from workers.configs import Int4WeightOnly
     from workers.quantize import quantize
