@@ -567,8 +567,9 @@ def teacher_prepare(spec: Path = typer.Argument(..., help="job spec YAML")):
     how = "prepared" if "measuring" in stages else "already prepared"
     scores = ", ".join(f"{k} {teacher.metrics[k]:.2f}" for k in ("accuracy", "f1") if k in teacher.metrics)
     console.print(f"teacher {how}: {teacher.uri}", highlight=False)
-    console.print(f"{data.config.eval_split} ({len(data.eval)} rows): {scores}; students' rows: {len(data.train)}",
-                  highlight=False)
+    extra = f" + {teacher.augmented} augmented" if teacher.augmented else ""
+    console.print(f"{data.config.eval_split} ({len(data.eval)} rows): {scores}; students' rows: "
+                  f"{len(data.train)}{extra}", highlight=False)
 
 
 def main():  # pragma: no cover - console script entry

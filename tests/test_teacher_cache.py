@@ -164,9 +164,9 @@ def test_slimray_teacher_prepare_prepares_then_reuses(tiny_teacher_dir, tmp_path
     from orchestrator.cli import app
 
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump(tiny_job(tiny_teacher_dir, tmp_path, task={"train_size": 100},
-                                            teacher_train={"epochs": 1, "batch_size": 32, "train_size": 200},
-                                            latency={"runs": 2})))
+    raw = tiny_job(tiny_teacher_dir, tmp_path, task={"train_size": 100, "augment": {"copies": 1}},
+                   teacher_train={"epochs": 1, "batch_size": 32, "train_size": 200}, latency={"runs": 2})
+    spec.write_text(yaml.safe_dump(raw))
     runner = CliRunner()
     first = runner.invoke(app, ["teacher", "prepare", str(spec)])
     assert first.exit_code == 0, first.output
@@ -174,6 +174,7 @@ def test_slimray_teacher_prepare_prepares_then_reuses(tiny_teacher_dir, tmp_path
     assert len(cached) == 1
     assert "teacher prepared: " in first.output and "accuracy" in first.output
     assert str(cached[0].parent) in first.output.replace("\n", "")
+    assert "students' rows: 100 + 100 augmented" in first.output
     again = runner.invoke(app, ["teacher", "prepare", str(spec)])
     assert again.exit_code == 0 and "teacher already prepared: " in again.output
     bad = runner.invoke(app, ["teacher", "prepare", str(tmp_path / "missing.yaml")])

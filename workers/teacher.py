@@ -79,7 +79,8 @@ def _local_model(name: str) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin", "*.txt",
+                                                       "*.model"])
     except Exception as err:  # the hub raises many types; the user needs one line
         raise ConfigError(f"teacher: cannot load {name!r} ({(str(err).splitlines() or [type(err).__name__])[0]}); "
                           f"give a local model directory or a hub id reachable from here") from err
