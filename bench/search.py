@@ -9,7 +9,7 @@
     trial throughput on a simulated 4-node cluster vs 1 node (target ≥ 3.5×), through slimray's own driver
     pieces (searcher factory, store recorder, cancel stopper).
 
-    make bench-search                 # P2 ~30 min + (b) ~2 min on 2 cores
+    make bench-search                 # P2 ~19 min (9 searches of 10 trials) + (b) ~2 min on 2 cores
     python -m bench.search --part p2 --seeds 1 --trials 3
     python -m bench.search --part overhead
 """
