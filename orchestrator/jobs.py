@@ -83,7 +83,7 @@ def _tuner(spec: JobSpec, job_id: str, store_url: str, shared: dict, settings, r
     if restore_path:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     search_alg, scheduler = make(spec.search, spec.algorithm, spec.objectives,
-                                 max_concurrent=spec.budget.max_concurrent)
+                                 max_concurrent=spec.budget.max_concurrent, num_trials=spec.budget.num_trials)
     if warm:
         from search.warmstart import seed
 

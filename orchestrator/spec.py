@@ -165,6 +165,9 @@ class JobSpec(Frozen):
                 if o.name == algo.asha_metric and o.mode != algo.asha_mode:
                     problems.append(("algorithm.asha_mode", f"{algo.asha_mode} contradicts objective {o}; use the "
                                                             "same direction"))
+        from workers.augment import job_problems
+
+        problems += job_problems(self.task.augment, self.distill.alpha, self.search.get("distill.alpha") is not None)
         if problems:
             raise Problems(*problems)
         return self

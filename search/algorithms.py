@@ -43,6 +43,9 @@ class SearchSettings(Frozen):
     reduction_factor: Float = Field(4, gt=1, description="ASHA keeps 1/reduction_factor at each rung")
     seed: Optional[Int] = Field(0, ge=0, lt=2**32, description="seeds the Optuna sampler / Tune's variant "
                                                               "generator; null draws a fresh one")
+    startup_trials: Optional[Int] = Field(
+        None, ge=1, description="tpe: trials sampled at random before TPE models the results; default: a third of "
+                                "budget.num_trials, between 3 and 10 (Optuna's own 10 is the whole of a small search)")
 
     @model_validator(mode="before")
     @classmethod
@@ -70,10 +73,18 @@ def _optuna(space: SearchSpace, objectives: tuple[Objective, ...], sampler):
                         mode=[o.mode for o in objectives])
 
 
-def _tpe(space, settings, objectives):
+def startup_trials(settings: SearchSettings, num_trials: int | None) -> int:
+    """TPE's random start-up: Optuna waits 10 trials, so a 10-trial search never used its model."""
+    if settings.startup_trials is not None:
+        return settings.startup_trials
+    return 10 if num_trials is None else min(10, max(3, num_trials // 3))
+
+
+def _tpe(space, settings, objectives, num_trials=None):
     import optuna
 
-    return _optuna(space, objectives, optuna.samplers.TPESampler(seed=settings.seed))
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=startup_trials(settings, num_trials))
+    return _optuna(space, objectives, sampler)
 
 
 def _nsga2(space, settings, objectives):
@@ -95,9 +106,6 @@ def _variants(space, settings, max_concurrent: int = 0):
     return BasicVariantGenerator(random_state=settings.seed, max_concurrent=max_concurrent)
 
 
-_SEARCHERS = {"tpe": _tpe, "nsga2": _nsga2}
-
-
 def _scheduler(settings: SearchSettings, objectives: tuple[Objective, ...]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -114,14 +122,18 @@ def _scheduler(settings: SearchSettings, objectives: tuple[Objective, ...]):
                          reduction_factor=settings.reduction_factor)
 
 
-def make(space: SearchSpace, settings: SearchSettings, objectives: tuple[Objective, ...], max_concurrent: int = 0):
+def make(space: SearchSpace, settings: SearchSettings, objectives: tuple[Objective, ...], max_concurrent: int = 0,
+         num_trials: int | None = None):
     """``(search_alg, scheduler)`` for ``TuneConfig``; pass ``param_space_for(space, settings)`` to the Tuner
     and give ``TuneConfig`` no metric/mode (the searcher and the scheduler carry their own). ``max_concurrent``
     (0 = no limit) is built into the searcher: Tune ignores ``max_concurrent_trials`` for a ready-made
     search_alg."""
     if settings.name in ("random", "grid"):
         return _variants(space, settings, max_concurrent), _scheduler(settings, objectives)
-    searcher = _SEARCHERS[settings.name](space, settings, objectives)
+    if settings.name == "tpe":
+        searcher = _tpe(space, settings, objectives, num_trials)
+    else:
+        searcher = _nsga2(space, settings, objectives)
     if max_concurrent:
         from ray.tune.search import ConcurrencyLimiter
 

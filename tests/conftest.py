@@ -188,7 +188,8 @@ def tiny_job(teacher_dir, tmp_path, **over) -> dict:
         "name": "tiny",
         "teacher": str(teacher_dir),
         "task": {"dataset": str(data), "train_size": 200, "eval_size": 100, "max_length": 32},
-        "teacher_train": {"epochs": 2, "lr": 1e-3, "batch_size": 16},
+        # the full-data default would fine-tune on all 2,000 made-up rows: the tests need only a working teacher
+        "teacher_train": {"epochs": 2, "lr": 1e-3, "batch_size": 16, "train_size": 200},
         "search": {"student": {"layers": [1, 2]}, "prune": {"kind": ["none", "heads"], "sparsity": 0.5,
                                                              "importance": "magnitude"},
                    "quant": {"mode": ["none", "dynamic"]}, "train": {"lr": {"low": 1e-4, "high": 1e-3, "log": True}}},

@@ -201,3 +201,15 @@ def test_tiny_multi_objective_tpe_run_with_asha(local_ray, tmp_path):
 
     done = search_alg._ot_study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
     assert len(done) == 4 and all(len(t.values) == 2 for t in done)
+
+
+def test_tpe_start_up_fits_the_trial_budget():
+    from search.algorithms import startup_trials
+
+    assert startup_trials(SearchSettings(), None) == 10  # Optuna's default when the budget is unknown
+    assert startup_trials(SearchSettings(), 6) == 3  # a small search still gets modelled trials
+    assert startup_trials(SearchSettings(), 12) == 4
+    assert startup_trials(SearchSettings(), 1000) == 10
+    assert startup_trials(SearchSettings(startup_trials=7), 6) == 7
+    searcher, _ = make(SPACE, SearchSettings(name="tpe"), TWO, num_trials=12)
+    assert searcher._sampler._n_startup_trials == 4

@@ -192,3 +192,13 @@ def test_where_a_run_connects_is_not_stored():
     spec = parse({"name": "x", "ray_address": "ray://head:10001"})
     assert "ray_address" not in spec.stored()
     assert spec.stored() == spec.model_copy(update={"ray_address": None}).stored()
+
+
+def test_augmentation_without_the_teacher_is_one_line():
+    raw = {"name": "aug", "task": {"dataset": "glue/sst2", "augment": {"copies": 4}}, "distill": {"alpha": 0.0}}
+    with pytest.raises(SpecError) as err:
+        parse(raw)
+    assert err.value.problems == [next(p for p in err.value.problems if p.startswith("task.augment.copies"))]
+    assert "distill.alpha" in str(err.value) and "\n" not in str(err.value)
+    parse({**raw, "distill": {"alpha": 0.5}})  # the teacher's logits label the augmented rows
+    parse({**raw, "search": {"distill": {"alpha": {"low": 0.0, "high": 1.0}}}})  # a searched alpha may be > 0
