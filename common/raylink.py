@@ -44,6 +44,11 @@ def loopback_env() -> None:
 loopback_env()  # whoever imports this module is about to use Ray
 
 
+def _log_level() -> int:
+    # the CLI sets SLIMRAY_QUIET unless --verbose: then even Ray's start-up warnings (token auth) stay out
+    return logging.ERROR if os.environ.get("SLIMRAY_QUIET") else logging.WARNING
+
+
 def connect(address: str | None = None, *, dashboard: bool = False, num_cpus: int | None = None) -> None:
     """Join ``address`` (or RAY_ADDRESS) when given, else start an embedded Ray on loopback that ends with this
     process. A process already connected stays with its Ray."""
@@ -55,8 +60,10 @@ def connect(address: str | None = None, *, dashboard: bool = False, num_cpus: in
     if address:
         _join(address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+        # "local" always starts a new Ray: a bare ray.init() would join whatever cluster last ran `ray start` or
+        # a simulated Cluster on this machine, and refuse num_cpus there
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=False, configure_logging=True, logging_level=_log_level())
 
 
 def disconnect() -> None:
@@ -125,7 +132,7 @@ def _join(address: str) -> None:
         raise SlimrayError(f"cannot join the Ray cluster at {address}: nothing listens there; is it running? "
                            f"give another with --address or RAY_ADDRESS")
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=_log_level())
     except (ConnectionError, RuntimeError) as err:  # Ray's own message spans a screen
         why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise SlimrayError(f"cannot join the Ray cluster at {address} ({why}); is it running? give another with "

@@ -1,4 +1,5 @@
 """The CLI's tables fit an 80-column terminal without cutting a header, and say what stage a job is in."""
+import pytest
 from rich.console import Console
 
 from orchestrator.cli import _stage_line, _trial_columns, _trial_table
@@ -45,3 +46,36 @@ def test_stage_line_reports_progress():
     job = {"stage": "search", "progress": {"done": 0, "total": 8, "unit": "trials"},
            "trial_counts": {"terminated": 2, "stopped_early": 1, "running": 1}}
     assert _stage_line(job) == "stage: search (3/8 trials, 38%)"
+
+
+_TUNE_RUN = """
+import sys
+from orchestrator.display import quiet_third_parties
+quiet_third_parties(verbose=sys.argv[1] == "verbose")
+from common.raylink import connect
+connect(None, num_cpus=1)
+from ray import tune
+def f(config):
+    tune.report({"step": 1, "metric": 1.0})
+tune.Tuner(f, param_space={"x": tune.choice([1, 2])}, tune_config=tune.TuneConfig(num_samples=2),
+           run_config=tune.RunConfig(storage_path=sys.argv[2], verbose=0)).fit()
+print("finished")
+"""
+
+
+@pytest.mark.slow
+def test_third_party_banners_only_with_verbose(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _TUNE_RUN, mode, str(tmp_path / mode)], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        assert "finished" in out.stdout, out.stderr[-2000:]
+        return out.stdout + out.stderr
+
+    quiet, loud = run("quiet"), run("verbose")
+    for noise in ("Configuration for experiment", "tensorboard", "Token authentication"):
+        assert noise not in quiet
+    assert "tensorboard" in loud.lower() and "Configuration for experiment" in loud
