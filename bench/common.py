@@ -79,7 +79,7 @@ def setup_env() -> None:
 
 def teacher(progress: bool = True):
     """The benchmarks' fine-tuned MiniLM teacher and the full SST-2 dev set (prepared once, then cached)."""
-    from workers.configs import TrainConfig
+    from common.trial_config import TrainConfig
     from workers.data import TaskConfig, load
     from workers.teacher import prepare
 

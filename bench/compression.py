@@ -39,7 +39,7 @@ class Variant:
 
 
 def variants(samples: int, calibration: int) -> list[Variant]:
-    from workers.configs import (DynamicInt8, FfnPrune, HeadPrune, Int4WeightOnly, LowRankConfig, MixedPrecision,
+    from common.trial_config import (DynamicInt8, FfnPrune, HeadPrune, Int4WeightOnly, LowRankConfig, MixedPrecision,
                                  QatInt8, StaticInt8, StructuredPrune, StudentConfig, UnstructuredPrune)
 
     s3 = StudentConfig(layers=3)
@@ -93,7 +93,7 @@ def run_variant(v: Variant, teacher_model, tok, t, args) -> dict:
     """The trial recipe (workers.trial.run) without the DB: build → prune → low rank → QAT → distill →
     quantize → save → load → measure the loaded artifact."""
     from workers import artifacts
-    from workers.configs import DistillConfig, StudentConfig, TrainConfig
+    from common.trial_config import DistillConfig, StudentConfig, TrainConfig
     from workers.distill import distill
     from workers.evaluate import nonzero_params
     from workers.lowrank import factorize
@@ -155,7 +155,7 @@ def torch_ao_row(teacher_model, t, args) -> dict:
 
 
 def _prepare_teacher(args):
-    from workers.configs import TrainConfig
+    from common.trial_config import TrainConfig
     from workers.data import TaskConfig, load
     from workers.teacher import prepare
 

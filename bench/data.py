@@ -26,7 +26,7 @@ from bench.common import (CACHE, RESULTS, TEACHER_TASK, TEACHER_TRAIN, print_tab
 def _student_rows_teacher(args):
     """(the students' rows, the benchmarks' cached teacher): the teacher fine-tunes on the usual 8,000 SST-2 rows,
     the students train on ``args.train_size`` rows (default: all 67k, whose tokens make up the pruned vocabulary)."""
-    from workers.configs import TrainConfig
+    from common.trial_config import TrainConfig
     from workers.data import TaskConfig, load
     from workers.teacher import prepare
 
@@ -44,7 +44,7 @@ def _student_rows_teacher(args):
 def part_d(args) -> tuple[list[dict], list[dict], dict]:
     """Vocabulary pruning of a 4-layer INT8 student with int8 embeddings, with and without it."""
     from workers import artifacts
-    from workers.configs import TrialConfig
+    from common.trial_config import TrialConfig
     from workers.trial import TrialContext, run
     from workers.vocab import changed_rows, retokenise
 

@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     setup_env()
 
     from workers import artifacts
-    from workers.configs import DistillConfig, StudentConfig, TrainConfig
+    from common.trial_config import DistillConfig, StudentConfig, TrainConfig
     from workers.distill import distill
     from workers.evaluate import measure
     from workers.student import build

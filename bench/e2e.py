@@ -109,7 +109,7 @@ def half_depth_student(teacher, spec, steps: int, lr: float, out: Path) -> Path:
     """DistilBERT's recipe on this task: every other teacher layer, logits KD (T 2, α 0.9) from the cached
     teacher logits, ``steps`` steps; saved as a slimray artifact (reused when already there)."""
     from workers import artifacts
-    from workers.configs import DistillConfig, StudentConfig, TrainConfig
+    from common.trial_config import DistillConfig, StudentConfig, TrainConfig
     from workers.distill import distill
     from workers.student import build
 

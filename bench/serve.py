@@ -92,14 +92,14 @@ def _student(teacher: Path) -> Path:
     out = CACHE / f"serve-student-{key}"
     if (out / "slimray.json").is_file():
         return out
-    from workers.configs import StudentConfig
+    from common.trial_config import StudentConfig
     from workers.student import build
 
     model, tok, meta = artifacts.load(teacher)
     student = build(model, StudentConfig(layers=2)).eval()
     quant = None
     try:
-        from workers.configs import DynamicInt8
+        from common.trial_config import DynamicInt8
         from workers.quantize import quantize
 
         student, quant = quantize(student, DynamicInt8()), {"mode": "dynamic", "bits": 8}

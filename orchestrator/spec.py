@@ -17,7 +17,7 @@ from common.errors import SpecError
 from search.algorithms import SearchSettings
 from search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objectives
 from search.space import SearchSpace
-from workers.configs import DistillConfig, TeacherTrainConfig, TrainConfig, VocabConfig
+from common.trial_config import DistillConfig, TeacherTrainConfig, TrainConfig, VocabConfig
 from workers.data import TaskConfig
 from workers.teacher import DEFAULT_TEACHER
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from common.config import Frozen
 from orchestrator.spec import JobSpec
-from workers.configs import TrialConfig
+from common.trial_config import TrialConfig
 
 __all__ = ["TrialSettings", "run_trial"]
 

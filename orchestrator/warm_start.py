@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 
 from common.errors import SpecError
 from orchestrator.spec import JobSpec, from_stored
-from workers.configs import TrialConfig
+from common.trial_config import TrialConfig
 
 __all__ = ["check_sources", "gather"]
 

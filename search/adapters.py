@@ -12,7 +12,7 @@ from typing import Callable
 from common.config import show as _show
 from common.errors import ConfigError
 from search.space import DIMENSIONS, GATES, Choice, Fixed, Range, SearchSpace
-from workers.configs import TrialConfig
+from common.trial_config import TrialConfig
 
 __all__ = ["build", "optuna_space", "to_trial_config", "trial_config"]
 

@@ -7,7 +7,7 @@ Parsed from the ``search:`` section of a job YAML, nested by section::
 
 Each dimension is a fixed value, a list of choices or a range, and feeds the trial-config key of
 the same name (``prune.sparsity`` -> ``{"prune": {"sparsity": ...}}``). What a knob may be (its type,
-bounds or choices) is read from the field of the same name in :mod:`workers.configs`, so a bound is
+bounds or choices) is read from the field of the same name in :mod:`common.trial_config`, so a bound is
 written once. The Tune and Optuna adapters live in :mod:`search.adapters`.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydantic import model_serializer, model_validator
 from common.config import Frozen, Problems
 from common.config import show as _show
 from common.errors import SpecError
-from workers.configs import (DistillConfig, LowRankConfig, PruneConfig, QuantConfig, StudentConfig, TrainConfig,
+from common.trial_config import (DistillConfig, LowRankConfig, PruneConfig, QuantConfig, StudentConfig, TrainConfig,
                              VocabConfig)
 
 __all__ = ["Fixed", "Choice", "Range", "SearchSpace", "DIMENSIONS", "SECTIONS", "GATES"]

@@ -16,7 +16,7 @@ from numbers import Real
 
 from search.adapters import optuna_space, trial_config
 from search.space import DIMENSIONS, GATES, Choice, Fixed, Range, SearchSpace
-from workers.configs import TrialConfig
+from common.trial_config import TrialConfig
 
 __all__ = ["flat_params", "seed", "study_of"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from workers import artifacts
-from workers.configs import StudentConfig
+from common.trial_config import StudentConfig
 from common.errors import SlimrayError
 from workers.shapes import keep_heads
 from workers.student import build

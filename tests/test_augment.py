@@ -88,7 +88,7 @@ def augmented_task(tiny_task_dir):
 def test_teacher_labels_augmented_rows_once_and_its_cached_logits_match_a_fresh_pass(tiny_teacher_dir,
                                                                                       augmented_task, tmp_path):
     from workers import artifacts
-    from workers.configs import TeacherTrainConfig
+    from common.trial_config import TeacherTrainConfig
     from workers.evaluate import predict_logits
     from workers.teacher import prepare
 
@@ -116,7 +116,7 @@ def test_teacher_labels_augmented_rows_once_and_its_cached_logits_match_a_fresh_
 
 
 def test_students_train_on_original_and_augmented_rows(tiny_bert, tiny_teacher_dir, augmented_task, tmp_path):
-    from workers.configs import DistillConfig, TeacherTrainConfig, TrainConfig
+    from common.trial_config import DistillConfig, TeacherTrainConfig, TrainConfig
     from workers.distill import distill
     from workers.teacher import prepare
 

@@ -64,7 +64,7 @@ def test_ranks_take_disjoint_shares_that_cover_each_batch(world):
 
 
 def test_training_loop_pads_each_batch_only_to_its_own_rows(tiny_bert):
-    from workers.configs import DistillConfig, TrainConfig
+    from common.trial_config import DistillConfig, TrainConfig
     from workers.data import Encoded
     from workers.distill import distill
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.configs import (DistillConfig, DynamicInt8, FfnPrune, HeadPrune, Int4WeightOnly, LowRankConfig,
+from common.trial_config import (DistillConfig, DynamicInt8, FfnPrune, HeadPrune, Int4WeightOnly, LowRankConfig,
                              MixedPrecision, QatInt8, StaticInt8, StructuredPrune, StudentConfig, TeacherTrainConfig,
                              TrainConfig, TrialConfig, UnstructuredPrune)
 from workers.data import TaskConfig

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from workers.configs import DistillConfig, TrainConfig
+from common.trial_config import DistillConfig, TrainConfig
 from workers.data import Encoded
 from workers.distill import attention_loss, distill, hidden_loss, kd_loss, layer_map
 from workers.student import build
-from workers.configs import StudentConfig
+from common.trial_config import StudentConfig
 
 
 def _data(n=64, seq=12, seed=0):

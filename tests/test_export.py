@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 
 from conftest import _tokenizer, promotion_store, tiny_artifact, tiny_bert_config, write_tiny_sentiment  # noqa: E402
-from workers.configs import (DynamicInt8, Int4WeightOnly, LowRankConfig, MixedPrecision, QatInt8,  # noqa: E402
+from common.trial_config import (DynamicInt8, Int4WeightOnly, LowRankConfig, MixedPrecision, QatInt8,  # noqa: E402
                              StaticInt8)
 from workers.export import ExportError, export  # noqa: E402
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from workers import artifacts
-from workers.configs import LowRankConfig
+from common.trial_config import LowRankConfig
 from common.errors import ConfigError
 from workers.lowrank import break_even_rank, choose_rank, factorize, svd_factors
 from workers.modules import LowRankLinear

@@ -236,7 +236,7 @@ def test_bad_settings_are_config_errors():
 
 @pytest.fixture(scope="module")
 def tiny_prepared(tiny_teacher_dir, tiny_task_dir, tmp_path_factory):
-    from workers.configs import TrainConfig
+    from common.trial_config import TrainConfig
     from workers.data import TaskConfig, load
     from workers.teacher import prepare
 
@@ -259,7 +259,7 @@ def _context(t, out_dir, **kw):
     {"lowrank": {"ratio": 0.25}, "quant": {"mode": "int4", "group_size": 32}},
 ])
 def test_every_report_carries_the_size_the_artifact_will_have(tiny_prepared, tmp_path, compression):
-    from workers.configs import TrialConfig
+    from common.trial_config import TrialConfig
     from workers.trial import run
 
     cfg = TrialConfig.model_validate({"student": {"layers": 1}, **compression,
@@ -273,7 +273,7 @@ def test_every_report_carries_the_size_the_artifact_will_have(tiny_prepared, tmp
 
 def test_a_config_over_the_size_limit_is_never_trained(tiny_prepared, tmp_path, monkeypatch):
     import workers.distill
-    from workers.configs import TrialConfig
+    from common.trial_config import TrialConfig
     from workers.trial import run
 
     trained = []

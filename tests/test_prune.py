@@ -5,7 +5,7 @@ from transformers import BertForSequenceClassification
 
 from conftest import tiny_bert_config
 from workers import artifacts
-from workers.configs import (DistillConfig, FfnPrune, HeadPrune, LowRankConfig, StructuredPrune, TrainConfig,
+from common.trial_config import (DistillConfig, FfnPrune, HeadPrune, LowRankConfig, StructuredPrune, TrainConfig,
                              UnstructuredPrune)
 from workers.data import Encoded
 from workers.distill import distill
@@ -67,7 +67,7 @@ def test_useless_units_go_first_and_outputs_do_not_change(tiny_bert, random_batc
 
 
 def test_structured_prunes_heads_and_ffn_and_composes_with_layer_dropping(tiny_bert_4l, tmp_path, random_batch):
-    from workers.configs import StudentConfig
+    from common.trial_config import StudentConfig
     from workers.student import build
 
     s = build(tiny_bert_4l, StudentConfig(layers=2))

@@ -6,7 +6,7 @@ from transformers import BertForSequenceClassification
 
 from conftest import tiny_bert_config
 from workers import artifacts
-from workers.configs import (DynamicInt8, FfnPrune, HeadPrune, Int4WeightOnly, LowRankConfig, MixedPrecision,
+from common.trial_config import (DynamicInt8, FfnPrune, HeadPrune, Int4WeightOnly, LowRankConfig, MixedPrecision,
                              QatInt8, StaticInt8, StructuredPrune, UnstructuredPrune)
 from workers.data import Encoded
 from workers.evaluate import nonzero_params

@@ -355,9 +355,9 @@ def test_to_trial_config_nests_and_drops_what_is_off():
 
 
 def test_sampled_trial_configs_are_valid_worker_configs():
-    from workers.configs import FfnPrune, HeadPrune, TrialConfig, UnstructuredPrune
+    from common.trial_config import FfnPrune, HeadPrune, TrialConfig, UnstructuredPrune
 
-    # quant is left out: workers.configs tags it with "kind" where the trial config says "mode"
+    # quant is left out: common.trial_config tags it with "kind" where the trial config says "mode"
     d = {k: v for k, v in EVERY_DIMENSION.items() if k != "quant"}
     d["prune"] = {"kind": ["none", "unstructured", "heads", "ffn"], "sparsity": {"low": 0.1, "high": 0.9},
                   "importance": ["gradient", "magnitude"]}
@@ -371,7 +371,7 @@ def test_sampled_trial_configs_are_valid_worker_configs():
 
 
 def test_embedding_bits_reach_every_quant_mode_config():
-    from workers.configs import TrialConfig
+    from common.trial_config import TrialConfig
 
     for mode in ("dynamic", "static", "qat", "int4", "mixed"):
         trial = TrialConfig.model_validate(to_trial_config({"quant.mode": mode, "quant.embedding_bits": 4}))
@@ -382,7 +382,7 @@ def test_embedding_bits_reach_every_quant_mode_config():
 def test_bounds_are_the_config_models_own():
     """A value is searchable exactly when the trial config accepts it: one definition per bound."""
     from search.space import GATES
-    from workers.configs import TrialConfig
+    from common.trial_config import TrialConfig
 
     probes = (-1, 0, 1e-9, 0.5, 0.999, 1, 1.5, 2, 4, 8, 16, 48, 64, 50, 51, 10 ** 6, 10 ** 6 + 1,
               "uniform", "top", "gradient", "magnitude", "heads", "int4", "x")
@@ -406,7 +406,7 @@ def test_bounds_are_the_config_models_own():
 
 
 def test_trial_config_puts_the_sampled_point_on_the_job_defaults():
-    from workers.configs import DistillConfig, HeadPrune, TrainConfig, TrialConfig
+    from common.trial_config import DistillConfig, HeadPrune, TrainConfig, TrialConfig
 
     base = TrialConfig(train=TrainConfig(batch_size=8, lr=1e-3), distill=DistillConfig(alpha=0.5))
     cfg = trial_config({"prune.kind": "heads", "prune.sparsity": 0.25, "train.lr": 3e-4, "lowrank.ratio": 0.0}, base)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from workers.configs import StudentConfig
+from common.trial_config import StudentConfig
 from common.errors import ConfigError
 from workers.shapes import layer_shapes
 from workers.student import build, pick_layers

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from workers import teacher as teacher_mod
-from workers.configs import TeacherTrainConfig
+from common.trial_config import TeacherTrainConfig
 from workers.data import TaskConfig, load
 from workers.teacher import fingerprint, prepare, resolve_model
 from workers.teacher_cache import files_hash, locked

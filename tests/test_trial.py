@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from workers import artifacts
-from workers.configs import TrainConfig, TrialConfig
+from common.trial_config import TrainConfig, TrialConfig
 from workers.data import TaskConfig, load
 from workers.evaluate import predict_logits
 from workers.teacher import prepare

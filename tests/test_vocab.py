@@ -9,7 +9,7 @@ import torch
 
 from common.errors import DeployError, SlimrayError, SpecError, TrialError
 from workers import artifacts
-from workers.configs import TrainConfig, TrialConfig
+from common.trial_config import TrainConfig, TrialConfig
 from workers.data import Split, TaskConfig, encode, load
 from workers.vocab import changed_rows, prune_vocab, reindex, retokenise, vocab_hash
 
@@ -97,7 +97,7 @@ def test_the_onnx_export_serves_through_the_pruned_tokenizer(pruned, tiny_tokeni
 
 
 def test_embeddings_are_reindexed_before_low_bit_embeddings(tiny_bert, tiny_tokenizer, tmp_path):
-    from workers.configs import Int4WeightOnly
+    from common.trial_config import Int4WeightOnly
     from workers.quantize import quantize
 
     vocab = prune_vocab(tiny_tokenizer, _rows(TRAIN, tiny_tokenizer))

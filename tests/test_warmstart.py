@@ -7,7 +7,7 @@ from search.algorithms import SearchSettings, make
 from search.objectives import Objective
 from search.space import SearchSpace
 from search.warmstart import flat_params, seed, study_of
-from workers.configs import TrialConfig
+from common.trial_config import TrialConfig
 
 SPACE = SearchSpace.model_validate({
     "student": {"layers": [1, 2]},

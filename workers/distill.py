@@ -22,7 +22,7 @@ from torch import nn
 
 from workers.augment import NO_LABEL
 from workers.batching import batches_per_epoch, epoch_batches, rank_share
-from workers.configs import DistillConfig, TrainConfig
+from common.trial_config import DistillConfig, TrainConfig
 from workers.data import Encoded
 from common.ports import free_port
 

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from workers.configs import LowRankConfig
+from common.trial_config import LowRankConfig
 from common.errors import ConfigError
 from workers.modules import LowRankLinear, replace_module
 from workers.shapes import layers_of

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.configs import FfnPrune, HeadPrune, PruneConfig, StructuredPrune, UnstructuredPrune
+from common.trial_config import FfnPrune, HeadPrune, PruneConfig, StructuredPrune, UnstructuredPrune
 from common.errors import ConfigError
 from workers.shapes import keep_ffn, keep_heads, layers_of
 

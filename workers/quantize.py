@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.configs import DynamicInt8, Int4WeightOnly, MixedPrecision, QatInt8, QuantConfig, StaticInt8
+from common.trial_config import DynamicInt8, Int4WeightOnly, MixedPrecision, QatInt8, QuantConfig, StaticInt8
 from common.errors import ConfigError
 from workers.modules import (FakeQuantEmbedding, FakeQuantLinear, QEmbedding, QLinear, activation_qparams,
                              replace_module)

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from workers.configs import StudentConfig
+from common.trial_config import StudentConfig
 from common.errors import ConfigError
 from workers.shapes import keep_ffn, keep_heads, layers_of
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from workers import teacher_cache
 from workers.augment import NO_LABEL, Augmenter
-from workers.configs import DistillConfig, TrainConfig
+from common.trial_config import DistillConfig, TrainConfig
 from workers.data import Encoded, Split, TaskData, encode, label_names
 from common.errors import ConfigError
 

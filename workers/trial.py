@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from workers.configs import TrialConfig
+from common.trial_config import TrialConfig
 from workers.data import Encoded, label_names
 
 __all__ = ["TrialContext", "run"]
@@ -164,7 +164,7 @@ def fixed_objectives(student, cfg: TrialConfig, ctx: TrialContext) -> dict:
     import tempfile
 
     from workers import artifacts
-    from workers.configs import UnstructuredPrune
+    from common.trial_config import UnstructuredPrune
     from workers.evaluate import latency_ms
     from workers.prune import prune
     from workers.quantize import prepare_qat, quantize
@@ -194,7 +194,7 @@ def _infeasible(fixed: dict, ctx: TrialContext, seconds: float) -> dict:
 
 
 def _bits(cfg: TrialConfig) -> float:
-    from workers.configs import Int4WeightOnly, MixedPrecision
+    from common.trial_config import Int4WeightOnly, MixedPrecision
 
     if cfg.quant is None:
         return 32
