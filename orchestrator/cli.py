@@ -99,11 +99,12 @@ def _stage_line(job: dict) -> str:
         counts = job.get("trial_counts", {})
         progress["done"] = sum(counts.get(k, 0) for k in ("terminated", "stopped_early", "error"))
     done, total, unit = progress.get("done"), progress.get("total"), progress.get("unit", "")
+    head = f"stage: {stage}" + (f", {progress['what']}" if progress.get("what") else "")
     if done is not None and total:
-        return f"stage: {stage} ({done}/{total} {unit}, {100 * done / total:.0f}%)".replace(" ,", ",")
+        return f"{head} ({done}/{total} {unit}, {100 * done / total:.0f}%)".replace(" ,", ",")
     if done is not None:
-        return f"stage: {stage} ({done} {unit})".rstrip()
-    return f"stage: {stage}"
+        return f"{head} ({done} {unit})".replace(" )", ")")
+    return head
 
 
 def _progress_table(store, job_id: str):

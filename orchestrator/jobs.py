@@ -50,9 +50,37 @@ def prepare_teacher(spec: JobSpec, cache_dir: Path, *, progress=None, on_stage=N
     return teacher, data
 
 
-def _prepare_teacher(spec: JobSpec, cache_dir: Path) -> dict:
+class TeacherProgress:
+    """Writes the teacher stage's progress to the job row, at most every ``every_s`` seconds, so that
+    `slimray status` can say what preparation is doing while the driver waits on the Ray task."""
+
+    def __init__(self, db_url: str, job_id: str, every_s: float = 2.0):
+        self.db_url, self.job_id, self.every_s = db_url, job_id, every_s
+        self._store, self._last, self._what = None, 0.0, "starting"
+
+    def _write(self, progress: dict, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        try:
+            if self._store is None:
+                self._store = open_store(self.db_url)
+            self._store.set_job_stage(self.job_id, "teacher", progress)
+        except SlimrayError as err:  # progress is a courtesy: never fail the teacher over it
+            log.warning("teacher progress not recorded: %s", err)
+
+    def stage(self, what: str) -> None:
+        self._what = what
+        self._write({"what": what}, force=True)
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        self._write({"what": self._what, "done": step, "total": total, "unit": "steps"}, force=step == total)
+
+
+def _prepare_teacher(spec: JobSpec, cache_dir: Path, report: TeacherProgress | None = None) -> dict:
     """Runs as a Ray task so that, on a cluster, the teacher trains on a worker node, not the driver."""
-    t, data = prepare_teacher(spec, cache_dir)
+    t, data = prepare_teacher(spec, cache_dir, progress=report and report.step, on_stage=report and report.stage)
     return {"teacher_uri": t.uri, "teacher_metrics": t.metrics, "train": t.train, "eval": t.eval,
             "logits": t.train_logits, "dataset": data.source, "teacher_key": t.key, "augmented_rows": t.augmented}
 
@@ -156,7 +184,8 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
         cache = teacher_cache_dir(spec)
         # a trial's resources: Ray gives the task as many torch threads as CPUs, and nothing else runs yet
         prep = ray.remote(num_cpus=spec.resources.cpus, num_gpus=spec.resources.gpus)(prepare or _prepare_teacher)
-        bundle = ray.get(prep.remote(spec, cache))
+        task = prep.remote(spec, cache) if prepare else prep.remote(spec, cache, TeacherProgress(store.url, job_id))
+        bundle = ray.get(task)
         store.set_job_baseline(job_id, {**bundle["teacher_metrics"], "uri": bundle["teacher_uri"]})
         restore_path = restore_path if restore_path and Path(restore_path).exists() else None
         warm = []

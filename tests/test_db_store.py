@@ -305,3 +305,17 @@ def test_import_is_cheap():
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout
     assert out.strip() == "[]"
+
+
+def test_teacher_progress_reaches_the_job_row(store):
+    from orchestrator.jobs import TeacherProgress
+
+    _job(store)
+    report = TeacherProgress(store.url, "sst2-tiny-1a2b3c", every_s=3600)
+    report.stage("fine-tuning")
+    report.step(1, 10, 0.7)  # throttled: the row still says what it is doing
+    assert store.get_job("sst2-tiny-1a2b3c")["progress"] == {"what": "fine-tuning"}
+    report.step(10, 10, 0.2)  # the last step is always written
+    job = store.get_job("sst2-tiny-1a2b3c")
+    assert job["stage"] == "teacher"
+    assert job["progress"] == {"what": "fine-tuning", "done": 10, "total": 10, "unit": "steps"}

@@ -43,6 +43,9 @@ def test_stage_line_reports_progress():
     assert _stage_line({"stage": None}) == ""
     assert _stage_line({"stage": "teacher", "progress": {"done": 50, "total": 200, "unit": "steps"}}) == \
         "stage: teacher (50/200 steps, 25%)"
+    assert _stage_line({"stage": "teacher", "progress": {"what": "fine-tuning", "done": 5, "total": 20,
+                                                         "unit": "steps"}}) == \
+        "stage: teacher, fine-tuning (5/20 steps, 25%)"
     job = {"stage": "search", "progress": {"done": 0, "total": 8, "unit": "trials"},
            "trial_counts": {"terminated": 2, "stopped_early": 1, "running": 1}}
     assert _stage_line(job) == "stage: search (3/8 trials, 38%)"
