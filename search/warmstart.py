@@ -96,4 +96,6 @@ def seed(searcher, space: SearchSpace, points: list[tuple[dict, list[float]]]) -
                                                   params=replay.params, distributions=replay.distributions,
                                                   user_attrs={"warm_start": True}, system_attrs=system_attrs))
         n += 1
+    if n:  # the same sampler seed would replay the earlier job's random start-up points: draw fresh ones
+        study.sampler.reseed_rng()
     return n
