@@ -30,6 +30,7 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from common.raylink import connect
 
 __all__ = ["no_teacher", "sleepy_trial", "scale_spec", "simulated_cluster", "run", "ideal_makespan"]
 
@@ -135,7 +136,7 @@ class simulated_cluster:
         for _ in range(self.nodes):
             self.cluster.add_node(num_cpus=self.cpus)
         self.cluster.wait_for_nodes()
-        ray.init(address=self.cluster.address, log_to_driver=False)
+        connect(self.cluster.address)
         return self.cluster.address
 
     def __exit__(self, *exc) -> None:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.common import CACHE, print_table, print_targets, setup_env, target, teacher, write, write_part
+from common.raylink import connect
 
 # P2: every search draws from this space on the same teacher and task; only the strategy and the seed change.
 SPACE = {
@@ -231,7 +232,7 @@ def overhead(n_trials: int, seconds: float) -> tuple[list[dict], list[dict]]:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node runs no trials
         for _ in range(nodes):
             cluster.add_node(num_cpus=1)
-        ray.init(address=cluster.address, log_to_driver=False)
+        connect(cluster.address)
         try:
             rows.append(_sleep_search(n_trials, seconds, nodes, root, url))
         finally:

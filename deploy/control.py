@@ -71,7 +71,25 @@ def _ensure_serve(port: int) -> None:
             raise DeployError(f"Ray Serve already listens on {HOST}:{running}; deploy with port={running} "
                               f"(--port {running}) or stop it first (`slimray serve stop --all`)")
         return
+    if _on_this_machine() and _taken(port):
+        # Serve would start, its proxy would fail to bind, and requests would reach whatever holds the port
+        raise DeployError(f"{HOST}:{port} is already taken by another process (another Ray's Serve, or any "
+                          f"server); promote with --port N, or stop what holds it")
     serve.start(http_options={"host": HOST, "port": port})
+
+
+def _on_this_machine() -> bool:
+    import ray
+
+    return ray.get_runtime_context().gcs_address.startswith(("127.0.0.1:", "localhost:"))
+
+
+def _taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((HOST, port)) == 0
 
 
 def deploy(artifact_uri, options: Optional[ServeOptions] = None, *, info: Optional[dict] = None, **fields) -> str:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from common.raylink import connect
 
 # Ray must stay on loopback and quiet in every test (docs/architecture.md, "Stack facts").
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -175,7 +176,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        connect(None, num_cpus=2)
     yield ray
     ray.shutdown()
 

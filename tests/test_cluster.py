@@ -5,6 +5,7 @@ import pytest
 
 from conftest import record_fault, submit_with_fault, tiny_job
 from db import Store
+from common.raylink import connect
 
 pytestmark = pytest.mark.slow
 
@@ -17,11 +18,11 @@ def cluster(ray_local):
     ray.shutdown()  # the session's single-node Ray makes way for the cluster
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # trials run on the worker nodes only
     workers = [c.add_node(num_cpus=1) for _ in range(3)]
-    ray.init(address=c.address, log_to_driver=False)
+    connect(c.address)
     yield c, workers
     ray.shutdown()
     c.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # back to the session's Ray
+    connect(None, num_cpus=2)  # back to the session's Ray
 
 
 def test_trials_spread_over_nodes_and_survive_a_node_loss(cluster, tiny_teacher_dir, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from common.errors import ConfigError
 from search.pareto import crowding_distance, dominated_by, front, front_index, ranks
+from common.raylink import connect
 
 CONTINUE, STOP = "CONTINUE", "STOP"
 MIN2 = ["min", "min"]
@@ -328,8 +329,7 @@ def local_ray():
     if ray.is_initialized():
         yield
         return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    connect(None, num_cpus=2)
     yield
     ray.shutdown()
 

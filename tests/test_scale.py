@@ -1,6 +1,7 @@
 """slimray's own driver (Tune loop, TPE, MO-ASHA, Recorder, stopper) under many trials on a simulated cluster:
 the stand-in trials of bench/scale.py sleep instead of training, so only the orchestration is exercised."""
 import pytest
+from common.raylink import connect
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +15,7 @@ def own_ray():
     ray.shutdown()
     yield
     if was_up and not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        connect(None, num_cpus=2)
 
 
 def test_hundred_one_second_trials_on_four_nodes_are_each_recorded_once(tmp_path, own_ray):

@@ -15,6 +15,7 @@ from search.algorithms import SearchSettings, make, param_space_for
 from search.objectives import Objective, Objectives
 from search.space import SearchSpace
 from common.errors import SpecError
+from common.raylink import connect
 
 SPACE = SearchSpace.model_validate({
     "student": {"layers": [2, 3]},
@@ -164,8 +165,7 @@ def local_ray():
     if ray.is_initialized():  # a session-wide Ray from elsewhere in the suite
         yield
         return
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    connect(None, num_cpus=2)
     yield
     ray.shutdown()
 

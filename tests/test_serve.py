@@ -86,6 +86,36 @@ def test_deploy_refuses_bad_arguments_before_touching_ray(tmp_path):
         control.deploy(art, max_batch=4)
 
 
+_DEPLOY_ON_A_TAKEN_PORT = """
+import socket, sys
+from common.errors import DeployError
+from common.raylink import connect
+from deploy import control
+with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    connect(None, num_cpus=1)
+    try:
+        control.deploy(sys.argv[1], port=held.getsockname()[1])
+    except DeployError as err:
+        print("refused:", err)
+"""
+
+
+@pytest.mark.slow
+def test_deploy_refuses_a_port_another_process_holds(tmp_path):
+    # in a fresh process: this session's Ray may already run Serve, which takes its own port and skips the check
+    import os
+    import subprocess
+    import sys
+
+    art = tiny_artifact(tmp_path / "a").uri
+    out = subprocess.run([sys.executable, "-c", _DEPLOY_ON_A_TAKEN_PORT, str(art)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    assert "refused:" in out.stdout, out.stderr[-2000:]
+    assert "is already taken by another process" in out.stdout and "--port" in out.stdout
+
+
 def test_ptq_on_load_quantizes_every_linear_and_keeps_the_answers(tmp_path):
     import torch
 
