@@ -379,10 +379,17 @@ def test_swap_under_load_drops_no_request(served):
     clients = [threading.Thread(target=client) for _ in range(2)]
     for t in clients:
         t.start()
+    def wait_for(what, ok):
+        deadline = time.monotonic() + 60
+        while not ok():
+            assert time.monotonic() < deadline, f"no {what} within 60 s: {Counter(r[1] for r in list(results))}"
+            time.sleep(0.05)
+
     try:
-        time.sleep(0.5)
+        wait_for("answer from the old model", lambda: any(r[1] == "t_a" for r in list(results)))
         control.deploy(served["arts"]["b"], port=served["port"], info={"job": "job-a", "trial": "t_b"})
-        time.sleep(1.0)
+        # a few answers from the new model, so the last one is surely from it
+        wait_for("answers from the new model", lambda: sum(r[1] == "t_b" for r in list(results)) >= 3)
     finally:
         stop.set()
         for t in clients:
