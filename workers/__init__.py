@@ -1,5 +1,5 @@
 """Everything that touches a model: data, teacher, student, pruning, quantization, low rank, distillation
 (DeepSpeed engine), evaluation and artifacts. ``import workers`` is cheap; torch loads in the submodules."""
 
-__all__ = ["artifacts", "configs", "data", "distill", "evaluate", "lowrank", "prune", "quantize", "student",
-           "teacher", "trial"]
+__all__ = ["artifacts", "configs", "data", "distill", "elastic", "evaluate", "lowrank", "prune", "quantize", "student",
+           "supernet", "teacher", "trial"]

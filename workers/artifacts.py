@@ -23,8 +23,8 @@ import numpy as np
 
 from common.errors import SlimrayError
 
-__all__ = ["ArtifactInfo", "save", "load", "info", "read_meta", "update_meta", "resolve", "check_tokenizer",
-           "SPARSE_THRESHOLD"]
+__all__ = ["ArtifactInfo", "save", "size_bytes", "load", "info", "read_meta", "update_meta", "resolve",
+           "check_tokenizer", "SPARSE_THRESHOLD"]
 
 # Below this share of zeros a bitmask + values is not smaller than the dense fp32 tensor.
 SPARSE_THRESHOLD = 1 / 32 + 0.01
@@ -85,19 +85,33 @@ def _decode(tensors: dict, encoding: dict) -> dict:
     return state
 
 
+def _stored(model) -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of ``model`` as ``save`` stores them; records its shapes in its config."""
+    from workers.modules import compressed_modules
+    from workers.shapes import record_shapes
+
+    record_shapes(model)
+    model.config.slimray_structure = {name: m.structure() for name, m in compressed_modules(model)}
+    tensors, encoding = _encode(model.state_dict())
+    return tensors, {"slimray_encoding": json.dumps(encoding), "format": "pt"}
+
+
+def size_bytes(model) -> int:
+    """The ``size_bytes`` that ``save`` would report for ``model``, computed in memory (nothing is written)."""
+    from safetensors.torch import save as serialise
+
+    tensors, metadata = _stored(model)
+    return len(serialise(tensors, metadata=metadata)) + len(model.config.to_json_string().encode("utf-8"))
+
+
 def save(model, tokenizer, out_dir: str | os.PathLike, meta: dict | None = None) -> ArtifactInfo:
     """Write ``model`` (+ tokenizer and ``meta``) as an artifact directory; returns its sizes."""
     from safetensors.torch import save_file
 
-    from workers.modules import compressed_modules
-    from workers.shapes import record_shapes
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record_shapes(model)
-    model.config.slimray_structure = {name: m.structure() for name, m in compressed_modules(model)}
-    tensors, encoding = _encode(model.state_dict())
-    save_file(tensors, str(out / _WEIGHTS), metadata={"slimray_encoding": json.dumps(encoding), "format": "pt"})
+    tensors, metadata = _stored(model)
+    save_file(tensors, str(out / _WEIGHTS), metadata=metadata)
     model.config.to_json_file(str(out / _CONFIG))
     meta = dict(meta or {})
     if tokenizer is not None:

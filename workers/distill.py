@@ -27,9 +27,12 @@ from workers.data import Encoded
 from common.ports import free_port
 
 __all__ = ["kd_loss", "hidden_loss", "attention_loss", "distill", "DistillResult", "layer_map",
-           "ensure_process_group", "StepCallback"]
+           "ensure_process_group", "StepCallback", "StepLoss"]
 
 StepCallback = Callable[[int, int, nn.Module], None]  # (step, total_steps, student) after each optimizer step
+# (optimizer step being trained, a function returning the student's loss on this batch as the student is now) ->
+# the loss to train on; the elastic super-student (workers.elastic) sums it over the step's sub-configurations
+StepLoss = Callable[[int, Callable[[], torch.Tensor]], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- losses
@@ -123,11 +126,16 @@ def _ds_config(train: TrainConfig, world: int) -> dict:
 class _DistillModule(nn.Module):
     """What DeepSpeed trains: the student plus, when widths differ, the hidden-state projection."""
 
-    def __init__(self, student: nn.Module, proj: nn.Module | None):
+    def __init__(self, student: nn.Module, proj: nn.Module | None, step_loss: StepLoss | None = None):
         super().__init__()
-        self.student, self.proj = student, proj
+        self.student, self.proj, self.step_loss = student, proj, step_loss
 
-    def forward(self, batch, t_logits, t_out, cfg: DistillConfig):
+    def forward(self, batch, t_logits, t_out, cfg: DistillConfig, step: int = 0):
+        if self.step_loss is None:
+            return self._loss(batch, t_logits, t_out, cfg)
+        return self.step_loss(step, lambda: self._loss(batch, t_logits, t_out, cfg))
+
+    def _loss(self, batch, t_logits, t_out, cfg: DistillConfig):
         want_hidden = cfg.hidden_weight > 0 and t_out is not None
         want_attn = cfg.attention_weight > 0 and t_out is not None
         out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -161,14 +169,15 @@ def distill(student: nn.Module, data: Encoded, cfg: DistillConfig, train: TrainC
             teacher_logits: np.ndarray | None = None, teacher: nn.Module | None = None,
             callbacks: Sequence[StepCallback] = (), checkpoint_dir: str | None = None,
             checkpoint_every: int = 0, resume: bool = False, progress: Callable[[int, int, float], None] | None = None,
-            ) -> DistillResult:
+            step_loss: StepLoss | None = None) -> DistillResult:
     """Train ``student`` in place on ``data`` with the distillation loss, on the DeepSpeed engine.
 
     Teacher signal: ``teacher_logits`` (cached, one row per training example) when given, otherwise the
     ``teacher`` model is run on every batch; with neither it is plain fine-tuning. Hidden-state and
     attention losses always need the ``teacher`` model. ``callbacks`` run after every optimizer step
     (pruning masks, intermediate evaluation). With ``checkpoint_dir`` the engine state is saved every
-    ``checkpoint_every`` steps and, with ``resume``, training continues from the last checkpoint.
+    ``checkpoint_every`` steps and, with ``resume``, training continues from the last checkpoint. ``step_loss``
+    replaces the loss of each batch (see :data:`StepLoss`).
     """
     import deepspeed
 
@@ -187,7 +196,7 @@ def distill(student: nn.Module, data: Encoded, cfg: DistillConfig, train: TrainC
     if needs_teacher_out and cfg.hidden_weight > 0 and teacher.config.hidden_size != student.config.hidden_size:
         proj = nn.Linear(student.config.hidden_size, teacher.config.hidden_size)
 
-    module = _DistillModule(student, proj)
+    module = _DistillModule(student, proj, step_loss)
     module.train()
     n_batches = batches_per_epoch(len(data), train.batch_size, world)
     total = _total_steps(n_batches, train)
@@ -227,7 +236,7 @@ def distill(student: nn.Module, data: Encoded, cfg: DistillConfig, train: TrainC
                                 output_attentions=cfg.attention_weight > 0)
             if t_logits is None:
                 t_logits = t_out.logits.float()
-        loss = engine(batch, t_logits, t_out, cfg)
+        loss = engine(batch, t_logits, t_out, cfg, step)
         engine.backward(loss)
         engine.step()
         micro += 1
