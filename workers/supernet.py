@@ -218,9 +218,14 @@ def slice(model: nn.Module, sub: SubConfig) -> nn.Module:  # noqa: A001 - the ve
     """A new plain BERT holding exactly the sub-model ``sub`` of the super-student ``model``: the kept layers,
     each with its first heads and FFN neurons removed from nothing but the shapes. In eval mode."""
     keep = _kept(model, sub)
-    out = copy.deepcopy(model)
+    base = getattr(model, model.base_model_prefix, model)
+    every = base.encoder.layer
+    try:  # only the kept layers are copied
+        base.encoder.layer = nn.ModuleList([every[i] for i in keep])
+        out = copy.deepcopy(model)
+    finally:
+        base.encoder.layer = every
     base = getattr(out, out.base_model_prefix, out)
-    base.encoder.layer = nn.ModuleList([base.encoder.layer[i] for i in keep])
     out.config.num_hidden_layers = len(keep)
     delattr(out.config, _KEY)
     for layer in base.encoder.layer:
