@@ -19,7 +19,7 @@ from workers.export import ExportError, export  # noqa: E402
 
 # (config, the op the encoder Linears must become, max |logit difference| allowed)
 MODES = {
-    "fp32": (None, "MatMul", 1e-4),
+    "fp32": (None, "Attention", 1e-4),  # ONNX Runtime's attention fusion, in the file
     "dynamic": (DynamicInt8(), "MatMulInteger", 0.05),
     "dynamic-fp32-embeddings": (DynamicInt8(embeddings=False), "MatMulInteger", 0.05),
     "static": (StaticInt8(calibration_samples=64), "QuantizeLinear", 1e-4),
@@ -95,8 +95,9 @@ def test_every_quant_mode_exports_and_agrees(mode, tmp_path, tok, rows):
     assert op in ops
     float_matrices = [t.name for t in graph.initializer if t.data_type == 1 and len(t.dims) == 2
                       and not any(k in t.name for k in ("embeddings", "pooler", "classifier"))]
-    # fp32: the 12 encoder weights (and low-rank factors); quantized: none left in fp32 beside the low-bit form
-    assert (len(float_matrices) >= 12) if quant is None else (float_matrices == []), float_matrices
+    # fp32: the 12 encoder weights, Q, K and V packed into one per layer by the attention fusion (8); quantized:
+    # none left in fp32 beside the low-bit form
+    assert (len(float_matrices) >= 8) if quant is None else (float_matrices == []), float_matrices
     # dynamic batch and sequence axes: a shape the export never saw runs
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.random.default_rng(0).integers(5, 1000, size=(3, 41))
@@ -162,10 +163,58 @@ def test_without_rows_it_checks_random_rows_and_says_so(tmp_path):
 def test_ort_dynamic_ptq_of_an_fp32_artifact(tmp_path, tok, rows):
     art = _student(tok, tmp_path / "art")
     report = export(art, tmp_path / "onnx", rows=rows, ptq="ort-dynamic-int8")
-    assert "MatMulInteger" in {n.op_type for n in _graph(tmp_path / "onnx").graph.node}
+    ops = {n.op_type for n in _graph(tmp_path / "onnx").graph.node}
+    assert "MatMulInteger" in ops and "QAttention" in ops  # the fused attention's QKV weights quantized too
     assert report.verification["argmax_agreement"] >= 0.995
     assert set(report.verification["accuracy"]) == {"torch", "onnx"}  # the given rows carry labels
     assert any("derived" in n for n in report.notes)  # the report says the scales are ONNX Runtime's
+
+
+def test_uneven_heads_fuse_per_layer_and_keep_the_torch_logits(tmp_path, tok, rows):
+    """Heads pruned differently per layer (3, 1 and 4 of 4): ONNX Runtime's attention fusion gets each layer's
+    own head count and the fused file gives the PyTorch logits; fused with one model-wide count (what the fusion
+    does when told the config's heads) the same layers give other logits. Q and K are scaled up so attention is
+    sharp (at the random init it is nearly uniform, and a wrong head split would hardly show), the classifier so
+    the logits are of order one."""
+    import torch
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import BertForSequenceClassification
+
+    from workers import artifacts
+    from workers.evaluate import predict_logits
+    from workers.export import _torch_export
+    from workers.onnx_runtime import run_logits, session
+    from workers.shapes import keep_heads, layers_of
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(layers=3)).eval()
+    with torch.no_grad():
+        for layer in layers_of(model):
+            layer.attention.self.query.weight.mul_(30)
+            layer.attention.self.key.weight.mul_(30)
+        model.classifier.weight.mul_(50)
+    keep_heads(layers_of(model)[0], [0, 2, 3])
+    keep_heads(layers_of(model)[1], [1])
+    artifacts.save(model, tok, tmp_path / "art")
+    report = export(tmp_path / "art", tmp_path / "onnx", rows=rows)
+
+    assert report.fusion["attention_heads"] == [3, 1, 4]
+    assert report.fusion["fused"]["Attention"] == 3 and report.fusion["fused"].get("SkipLayerNormalization")
+    with torch.no_grad():
+        want = predict_logits(model, rows)  # rows of 7-14 tokens: batches carry padding, the mask matters
+    scale = float(np.abs(want).max())
+    assert scale > 0.5
+    got = run_logits(session(tmp_path / "onnx" / "model.onnx"), rows)
+    assert float(np.abs(got - want).max()) < 1e-4 * scale
+
+    eager, _, _ = artifacts.load(tmp_path / "art", attn_implementation="eager", with_tokenizer=False)  # as export
+    _torch_export(eager, tmp_path / "plain.onnx")
+    wrong = optimize_model(str(tmp_path / "plain.onnx"), model_type="bert", num_heads=4, hidden_size=64,
+                           opt_level=0)
+    assert {n.op_type for n in wrong.model.graph.node} >= {"Attention"}
+    wrong.save_model_to_file(str(tmp_path / "wrong.onnx"))
+    off = run_logits(session(tmp_path / "wrong.onnx"), rows)
+    assert float(np.abs(off - want).max()) > 1e-2 * scale
 
 
 def test_bad_requests_get_one_line_errors(tmp_path, tok, rows):

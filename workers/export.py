@@ -54,6 +54,7 @@ class ExportReport:
     onnx: dict  # file, bytes, sha256, opset, exporter
     quantization: dict  # per-layer forms, embeddings, what was carried and what re-derived
     verification: dict  # rows, where from, max_abs_logit_diff, argmax_agreement, min_agreement
+    fusion: dict = field(default_factory=dict)  # ONNX Runtime's transformer fusions in the file, and heads per layer
     notes: list = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     exported_at: str = ""
@@ -108,7 +109,8 @@ def export(artifact_uri: str | os.PathLike, out_dir: str | os.PathLike, *, rows=
         model = onnx.load(str(tmp / MODEL))
         records = _carry(model, layers)
         onnx.save(model, str(tmp / MODEL))
-        notes = _notes(layers, embedding, ptq)
+        fusion = _fuse(tmp / MODEL)
+        notes = _notes(layers, embedding, ptq, fusion)
         if ptq is not None:
             _ort_dynamic_int8(tmp / MODEL)
         onnx.checker.check_model(str(tmp / MODEL))
@@ -124,7 +126,7 @@ def export(artifact_uri: str | os.PathLike, out_dir: str | os.PathLike, *, rows=
             onnx={"file": MODEL, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "opset": OPSET,
                   "inputs": names, "exporter": "torch.onnx (TorchScript)"},
             quantization={"ptq": ptq, "layers": records, "embeddings": embedding,
-                          "summary": _stored_summary(layers, embedding)},
+                          "summary": _stored_summary(layers, embedding)}, fusion=fusion,
             verification=verification, notes=notes,
             versions={"torch": _version("torch"), "onnx": onnx.__version__, "onnxruntime": ort.__version__},
             exported_at=datetime.now(timezone.utc).isoformat())
@@ -257,16 +259,52 @@ def _carry(model, layers) -> list[dict]:
     return carry(model, layers) if layers else []
 
 
+def _fuse(path: Path) -> dict:
+    """ONNX Runtime's transformer fusions written into the file: attention, LayerNorm with its residual add,
+    GELU with its bias, the embeddings' sum and LayerNorm (whatever matches: a layer already in low-bit form
+    keeps its own ops). Each layer's head count is pinned first (workers.onnx_graph.pin_heads), so a layer
+    whose heads were pruned fuses with its own count. The fused attention takes the raw 0/1 mask, so any
+    padding side works."""
+    import logging
+
+    import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from workers.onnx_graph import pin_heads
+
+    model = onnx.load(str(path))
+    pin_heads(model)
+    options = FusionOptions("bert")
+    options.use_raw_attention_mask(True)
+    logging.disable(logging.WARNING)  # its modules log to their own top-level loggers: "failed to fuse" is normal
+    try:
+        fused = optimize_model(model, model_type="bert", num_heads=0, hidden_size=0, optimization_options=options,
+                               opt_level=0, use_gpu=False)  # opt_level 0: its Python fusions only, no session
+    finally:
+        logging.disable(logging.NOTSET)
+    fused.save_model_to_file(str(path))
+    heads = [next(a.i for a in n.attribute if a.name == "num_heads") for n in fused.model.graph.node
+             if n.op_type == "Attention"]
+    return {"tool": "onnxruntime.transformers.optimizer (bert, Python fusions)",
+            "fused": {k: v for k, v in fused.get_fused_operator_statistics().items() if v},
+            "attention_heads": heads}
+
+
 def _ort_dynamic_int8(path: Path) -> None:
     import logging
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
     fp32 = path.with_suffix(".fp32.onnx")
     os.replace(path, fp32)
+    # Attention: the fused layers' packed QKV weights, which become QAttention. ONNX shape inference cannot type
+    # the outputs of the fused (com.microsoft) ops; they are all fp32.
     quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"])
+                     op_types_to_quantize=["MatMul", "Attention"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     fp32.unlink()
 
 
@@ -284,11 +322,15 @@ def _stored_summary(layers, embedding) -> str:
     return ", ".join(parts)
 
 
-def _notes(layers, embedding, ptq) -> list[str]:
+def _notes(layers, embedding, ptq, fusion) -> list[str]:
+    fused = ", ".join(f"{n} {op}" for op, n in fusion["fused"].items()) or "nothing matched"
     notes = ["LayerNorms, biases, position/token-type embeddings, pooler and classifier are fp32, as in the "
              "artifact",
-             "graph optimizations (fusions) are left to the ONNX Runtime session (ORT_ENABLE_ALL); the file holds "
-             "standard ops plus com.microsoft MatMulNBits for int4"]
+             f"ONNX Runtime's transformer fusions are in the file ({fused}): com.microsoft ops, so the file runs on "
+             "ONNX Runtime; the session adds its own graph optimizations (ORT_ENABLE_ALL) when it loads"]
+    if len(set(fusion["attention_heads"])) > 1:
+        notes.append(f"attention fused per layer with its own head count ({fusion['attention_heads']}): heads were "
+                     "pruned unevenly")
     acts = {(layer.bits, layer.act) for layer in layers}
     if (8, "dynamic") in acts:
         notes.append("dynamic int8: weights and per-row scales carried; activations quantized per call onto "

@@ -30,7 +30,7 @@ import numpy as np
 
 from common.errors import SlimrayError
 
-__all__ = ["LowBitLinear", "carry", "MS_DOMAIN"]
+__all__ = ["LowBitLinear", "carry", "pin_heads", "MS_DOMAIN"]
 
 MS_DOMAIN = "com.microsoft"
 
@@ -190,3 +190,45 @@ def _dynamic_7bit(x: str, p: str, node, numpy_helper) -> tuple[list, list]:
              node("Cast", [f"{p}.zp_c"], [f"{p}.x_zero_point"], to=2),  # UINT8
              node("QuantizeLinear", [x, f"{p}.x_scale", f"{p}.x_zero_point"], [f"{p}.x_q"])]
     return nodes, c
+
+
+def pin_heads(model) -> list[int]:
+    """Write each attention layer's real head count into its reshapes (``model``, an onnx ModelProto, in place);
+    returns the head counts found, one per reshape pinned.
+
+    The exported attention splits Q, K and V with ``Reshape(x, [batch, seq, -1, head_size])``. ONNX Runtime's
+    attention fusion reads the head count from that shape; with -1 it either gives up (no fusion) or, told a
+    model-wide count, writes that count into every fused layer, which is wrong for a layer whose heads were
+    pruned. The width of ``x`` (from shape inference) over ``head_size`` is the layer's own count."""
+    from onnx import numpy_helper, shape_inference
+
+    widths = {}
+    for vi in shape_inference.infer_shapes(model).graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            widths[vi.name] = dims[-1].dim_value
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+                 and n.attribute[0].name == "value"}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    pinned = []
+    for node in model.graph.node:
+        shape = producer.get(node.input[1]) if node.op_type == "Reshape" else None
+        if shape is None or shape.op_type != "Concat" or len(shape.input) != 4:
+            continue
+        heads, size = (constants.get(name) for name in shape.input[2:])
+        width = widths.get(node.input[0])
+        if heads is None or size is None or width is None:
+            continue
+        h, d = (numpy_helper.to_array(c.attribute[0].t) for c in (heads, size))
+        if h.size != 1 or d.size != 1 or int(h.ravel()[0]) != -1:
+            continue
+        head_size = int(d.ravel()[0])
+        if head_size <= 0 or width % head_size:
+            continue
+        count = width // head_size
+        # a Constant may feed several Concats: give this one its own tensor rather than edit a shared one
+        name = f"{node.name or node.output[0]}/heads"
+        model.graph.initializer.append(numpy_helper.from_array(np.full(h.shape, count, dtype=h.dtype), name=name))
+        shape.input[2] = name
+        pinned.append(count)
+    return pinned
