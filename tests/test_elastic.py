@@ -13,7 +13,7 @@ from common.trial_config import (DistillConfig, DynamicInt8, Int4WeightOnly, Qat
                                  TrainConfig)
 from workers import artifacts, supernet
 from workers.data import Encoded
-from workers.elastic import SubEval, draw, evaluate_sub, train_super
+from workers.elastic import SubEval, draw, evaluate_sub, train_super, with_pruned_vocab
 from workers.evaluate import predict_logits, task_metrics
 from workers.student import build, pick_layers
 
@@ -198,6 +198,16 @@ def test_a_sandwich_step_trains_the_largest_the_smallest_and_the_drawn_sub_confi
     assert not torch.equal(sup.state_dict()[last][-1], before[last][-1])
 
 
+def test_sandwich_training_takes_hidden_state_and_attention_losses_at_every_depth_and_width(tiny_bert_4l, tmp_path):
+    sup = _super(tiny_bert_4l)
+    cfg = ElasticConfig(steps=1, samples_per_step=2)
+    losses = []
+    res = train_super(sup, _data(), cfg, SPACE, DistillConfig(hidden_weight=1.0, attention_weight=1.0),
+                      TrainConfig(batch_size=16), tmp_path, teacher=tiny_bert_4l,
+                      progress=lambda s, t, loss: losses.append(loss))
+    assert res.steps == 1 and len(losses) == 1 and np.isfinite(losses[0]) and losses[0] > 0
+
+
 def test_a_killed_super_student_resumes_from_its_checkpoint(tiny_bert_4l, tmp_path, random_batch):
     class Killed(Exception):
         pass
@@ -243,6 +253,30 @@ def test_a_sub_model_trial_scores_sizes_and_times_what_it_would_save(tiny_bert_4
     if quant is not None:
         plain = evaluate_sub(sup, SubConfig(depth=1, heads=1, ffn=32), None, ev)
         assert small["size_bytes"] < plain["size_bytes"] / 2
+
+
+def test_a_sub_model_trial_with_a_pruned_vocabulary(tiny_bert_4l, tiny_tokenizer, tmp_path):
+    from workers.data import Split, encode
+    from workers.vocab import retokenise
+
+    rng = np.random.default_rng(0)
+
+    def rows(n, words):
+        texts = [" ".join(rng.choice(words, 6)) for _ in range(n)]
+        return encode(Split(texts, rng.integers(0, 2, n)), tiny_tokenizer, 16)
+
+    words = "good bad great awful movie film story plot the a is was very".split()
+    train, dev = rows(64, words), rows(32, words + ["boring"])  # a dev word the training rows never use
+    sup, sub = _super(tiny_bert_4l), SubConfig(depth=2, heads=2, ffn=64)
+    ev = SubEval(split=dev, metric="accuracy", calibration=train, seq_len=16, latency_runs=2)
+    full = evaluate_sub(sup, sub, StaticInt8(calibration_samples=16), ev)
+    pruned = evaluate_sub(sup, sub, StaticInt8(calibration_samples=16), with_pruned_vocab(ev, tiny_tokenizer, train),
+                          save_to=tmp_path / "pruned")
+    assert pruned["vocab_tokens"] < full["vocab_tokens"] / 2 and pruned["size_bytes"] < full["size_bytes"]
+    loaded, tokenizer, meta = artifacts.load(pruned["artifact_uri"])  # with its own, smaller tokenizer
+    assert len(tokenizer) == pruned["vocab_tokens"] and meta["trial_config"]["vocab"] == {"prune": True}
+    served = retokenise(dev, tokenizer)
+    assert task_metrics(predict_logits(loaded, served), served.labels, "accuracy")["metric"] == pruned["metric"]
 
 
 def test_a_sub_model_trial_refuses_qat(tiny_bert_4l):

@@ -6,7 +6,8 @@ Public API (configs in ``common.elastic_config``; the model side in ``workers.su
     res = train_super(sup, train_rows, cfg, space, distill_cfg, train_cfg, out_dir,
                       teacher_logits=..., progress=fn)                                  # -> SuperResult
     sup, tok, _ = supernet.load_super(res.uri)                                          # in a sub-model trial
-    result = evaluate_sub(sup, SubConfig(depth=2, heads=4, ffn=512), quant, SubEval(...), save_to=None)
+    ev = with_pruned_vocab(SubEval(...), tokenizer, train_rows)                         # vocab.prune, once a job
+    result = evaluate_sub(sup, SubConfig(depth=2, heads=4, ffn=512), quant, ev, save_to=None)
     draw(space, cfg, step, seed) -> list[SubConfig]                                     # what a step trains
 
 Design:
@@ -22,15 +23,17 @@ Design:
     ``out_dir/checkpoints`` every ``cfg.checkpoint_every`` steps and always resumes from the last checkpoint there,
     so calling it again after a kill continues instead of starting over; the trained super-student is saved as an
     artifact in ``out_dir/super``.
-  * **Sub-model trials are training-free**: slice (``supernet.slice``, real smaller shapes), quantize after
-    training (dynamic or static INT8 with calibration, INT4, mixed, low-bit embeddings; QAT needs training and
-    belongs to finalists), score the given split, count the bytes exactly as ``workers.artifacts.save`` would
-    store them (``artifacts.size_bytes``, in memory) and time batch 1. Saving the artifact is optional
-    (``save_to``): only sub-models that reach the front need one. Latency measurements must not overlap; the
-    caller serialises them.
+  * **Sub-model trials are training-free**: slice (``supernet.slice``, real smaller shapes), re-index the word
+    embeddings to the job's pruned vocabulary when there is one (``workers.vocab``: built once from the training
+    rows, the same for every sub-model), quantize (dynamic or static INT8 with calibration, INT4, mixed, low-bit
+    embeddings; QAT needs training and belongs to finalists), score the given split, count the bytes exactly as
+    ``workers.artifacts.save`` would store them (``artifacts.size_bytes``, in memory) and time batch 1. Saving the
+    artifact is optional (``save_to``): only sub-models that reach the front need one. Latency measurements must
+    not overlap; the caller serialises them.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -45,7 +48,7 @@ from common.errors import ConfigError
 from common.trial_config import DistillConfig, Int4WeightOnly, MixedPrecision, QatInt8, QuantConfig, TrainConfig
 from workers.data import Encoded
 
-__all__ = ["draw", "sandwich_loss", "train_super", "SuperResult", "SubEval", "evaluate_sub"]
+__all__ = ["draw", "sandwich_loss", "train_super", "SuperResult", "SubEval", "with_pruned_vocab", "evaluate_sub"]
 
 
 # --------------------------------------------------------------------------- the sandwich (pure)
@@ -131,13 +134,29 @@ class SubEval:
     seq_len: int = 128
     latency_threads: int = 1
     latency_runs: int = 20
+    vocab: object | None = None  # a workers.vocab.PrunedVocab: set by with_pruned_vocab, never by hand
+    vocab_max_length: int | None = None  # positions a vocabulary-pruned model keeps (the training rows' length)
+
+
+def with_pruned_vocab(ev: SubEval, tokenizer, rows: Encoded) -> SubEval:
+    """``ev`` for sub-models with a pruned vocabulary (``vocab.prune``): the vocabulary of ``rows`` (the students'
+    training rows, tokenised with the teacher's ``tokenizer``) with every special token and single character, the
+    split tokenised again with it and the calibration rows re-numbered. Build it once per job."""
+    from workers.vocab import prune_vocab, retokenise
+
+    vocab = prune_vocab(tokenizer, rows)
+    return dataclasses.replace(ev, split=retokenise(ev.split, vocab.tokenizer),
+                               calibration=vocab.remap(ev.calibration) if ev.calibration is not None else None,
+                               vocab=vocab, vocab_max_length=rows.max_length)
 
 
 def evaluate_sub(super_model: nn.Module, sub: SubConfig, quant: QuantConfig | None, ev: SubEval, *,
                  save_to=None, tokenizer=None, meta: dict | None = None) -> dict:
-    """Slice ``sub`` out of the super-student, quantize it as ``quant`` says (training-free modes only), score
-    ``ev.split``, count its bytes as saved and time batch 1. With ``save_to`` the artifact is written there too
-    (and ``artifact_uri`` / ``artifact_bytes`` / ``sha256`` join the result). The super-student is not changed."""
+    """Slice ``sub`` out of the super-student, prune its vocabulary when ``ev`` has one, quantize it as ``quant``
+    says (training-free modes only), score ``ev.split``, count its bytes as saved and time batch 1. With
+    ``save_to`` the artifact is written there too, with ``tokenizer`` (the pruned vocabulary's own when ``ev`` has
+    one), and ``artifact_uri`` / ``artifact_bytes`` / ``sha256`` join the result. The super-student is not
+    changed."""
     from workers import artifacts
     from workers.evaluate import measure
     from workers.quantize import quantize
@@ -148,17 +167,23 @@ def evaluate_sub(super_model: nn.Module, sub: SubConfig, quant: QuantConfig | No
                           "finalists), got qat")
     t0 = time.perf_counter()
     model = slice_sub(super_model, sub)
+    if ev.vocab is not None:
+        from workers.vocab import reindex
+
+        model = reindex(model, ev.vocab.kept, max_length=ev.vocab_max_length)
+        tokenizer = ev.vocab.tokenizer
     if quant is not None:
         model = quantize(model, quant, calibration=ev.calibration)
     size = artifacts.size_bytes(model)
     result = measure(model, ev.split, ev.metric, seq_len=ev.seq_len, threads=ev.latency_threads,
                      runs=ev.latency_runs, batch_sizes=(1,))
     result.update(size_bytes=size, bits=_bits(quant), embedding_bits=_embedding_bits(quant),
+                  vocab_tokens=model.config.vocab_size,
                   **{f"sub_{k}": v for k, v in sub.model_dump().items()})
     if ev.teacher_metric is not None:
         result["metric_drop"] = ev.teacher_metric - result["metric"]
     if save_to is not None:
-        trial = {"sub": sub.model_dump(mode="json"),
+        trial = {"sub": sub.model_dump(mode="json"), "vocab": {"prune": ev.vocab is not None},
                  "quant": quant.model_dump(mode="json") if quant is not None else None}
         info = artifacts.save(model, tokenizer, save_to, meta={"role": "sub-model", "trial_config": trial,
                                                                 "metrics": result, **(meta or {})})
