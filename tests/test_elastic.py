@@ -222,6 +222,8 @@ def test_a_killed_super_student_resumes_from_its_checkpoint(tiny_bert_4l, tmp_pa
     seen = []
     res = _train(_super(tiny_bert_4l), tmp_path / "run", cfg, progress=lambda s, t, loss: seen.append((s, t)))
     assert res.resumed_from == 2 and res.steps == 4 and seen == [(3, 4), (4, 4)]
+    kept = [d.name for d in (tmp_path / "run" / "checkpoints").glob("global_step*")]
+    assert kept == ["global_step4"]  # older checkpoints are deleted
 
     # resuming reproduces the uninterrupted run: same data order, same sub-configurations, same optimizer state
     straight = _super(tiny_bert_4l)

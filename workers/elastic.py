@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,18 +108,35 @@ def train_super(model: nn.Module, data: Encoded, cfg: ElasticConfig, space: SubS
     from workers.distill import distill
 
     out = Path(out_dir)
+    chief = not dist.is_initialized() or dist.get_rank() == 0
     train = train.model_copy(update={"epochs": cfg.epochs, "max_steps": cfg.steps})
     trained = distill(model, data, distill_cfg, train, teacher_logits=teacher_logits, teacher=teacher,
+                      callbacks=[_keep_latest(out / "checkpoints")] if chief else [],
                       checkpoint_dir=str(out / "checkpoints"), checkpoint_every=cfg.checkpoint_every, resume=True,
                       progress=progress, step_loss=sandwich_loss(model, space, cfg, seed=train.seed))
     uri, size = str((out / "super").resolve()), 0
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if chief:
         info = artifacts.save(model, tokenizer, out / "super",
                               meta={"role": "super-student", "elastic": cfg.model_dump(mode="json"),
                                     "space": space.model_dump(mode="json"), "steps": trained.steps, **(meta or {})})
         uri, size = info.uri, info.size_bytes
     return SuperResult(uri=uri, steps=trained.steps, seconds=trained.seconds, loss=trained.loss,
                        resumed_from=trained.resumed_from, size_bytes=size, world_size=trained.world_size)
+
+
+def _keep_latest(directory: Path):
+    """An after-step callback deleting every checkpoint but the one ``latest`` names: DeepSpeed keeps each one
+    (weights and optimizer state: three times the model) and a long super-student run would fill the disk."""
+
+    def keep_latest(step: int, total: int, model: nn.Module) -> None:
+        latest = directory / "latest"
+        if latest.is_file():
+            keep = latest.read_text().strip()
+            for old in directory.glob("global_step*"):
+                if old.name != keep and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return keep_latest
 
 
 # --------------------------------------------------------------------------- sub-model trials
