@@ -167,7 +167,7 @@ def test_the_super_student_round_trips_as_an_artifact(tiny_bert_4l, random_batch
 # --------------------------------------------------------------------------- training
 
 def _train(sup, out_dir, cfg: ElasticConfig, progress=None):
-    return train_super(sup, _data(), cfg, SPACE, DistillConfig(), TrainConfig(lr=1e-3, batch_size=16, seed=3),
+    return train_super(sup, _data(), cfg, DistillConfig(), TrainConfig(lr=1e-3, batch_size=16, seed=3),
                        out_dir, teacher_logits=_teacher_logits(), progress=progress)
 
 
@@ -202,7 +202,7 @@ def test_sandwich_training_takes_hidden_state_and_attention_losses_at_every_dept
     sup = _super(tiny_bert_4l)
     cfg = ElasticConfig(steps=1, samples_per_step=2)
     losses = []
-    res = train_super(sup, _data(), cfg, SPACE, DistillConfig(hidden_weight=1.0, attention_weight=1.0),
+    res = train_super(sup, _data(), cfg, DistillConfig(hidden_weight=1.0, attention_weight=1.0),
                       TrainConfig(batch_size=16), tmp_path, teacher=tiny_bert_4l,
                       progress=lambda s, t, loss: losses.append(loss))
     assert res.steps == 1 and len(losses) == 1 and np.isfinite(losses[0]) and losses[0] > 0

@@ -3,7 +3,7 @@
 Public API (configs in ``common.elastic_config``; the model side in ``workers.supernet``)::
 
     sup = supernet.build_super(teacher, space, cfg, train_rows, teacher_logits)        # reordered, elastic
-    res = train_super(sup, train_rows, cfg, space, distill_cfg, train_cfg, out_dir,
+    res = train_super(sup, train_rows, cfg, distill_cfg, train_cfg, out_dir,
                       teacher_logits=..., progress=fn)                                  # -> SuperResult
     sup, tok, _ = supernet.load_super(res.uri)                                          # in a sub-model trial
     ev = with_pruned_vocab(SubEval(...), tokenizer, train_rows)                         # vocab.prune, once a job
@@ -94,21 +94,22 @@ class SuperResult:
     world_size: int = 1
 
 
-def train_super(model: nn.Module, data: Encoded, cfg: ElasticConfig, space: SubSpace, distill_cfg: DistillConfig,
-                train: TrainConfig, out_dir, *, teacher_logits: np.ndarray | None = None,
+def train_super(model: nn.Module, data: Encoded, cfg: ElasticConfig, distill_cfg: DistillConfig, train: TrainConfig,
+                out_dir, *, teacher_logits: np.ndarray | None = None,
                 teacher: nn.Module | None = None, progress: Callable[[int, int, float], None] | None = None,
                 tokenizer=None, meta: dict | None = None) -> SuperResult:
-    """Train the super-student ``model`` (from ``supernet.build_super``) in place with the sandwich rule, on the
-    DeepSpeed loop, for ``cfg.epochs`` (capped at ``cfg.steps``) with ``train``'s optimiser settings. Resumes
+    """Train the super-student ``model`` (from ``supernet.build_super``) in place with the sandwich rule over the
+    space it was built for, on the DeepSpeed loop, for ``cfg.epochs`` (capped at ``cfg.steps``) with ``train``'s
+    optimiser settings. Resumes
     from the last checkpoint under ``out_dir`` if there is one; ``progress(step, total, loss)`` follows every
     step. Saves the result (with ``tokenizer`` and ``meta``) to ``out_dir/super``; only rank 0 writes it."""
-    import torch.distributed as dist
-
     from workers import artifacts
-    from workers.distill import distill
+    from workers.distill import distill, ensure_process_group
+    from workers.supernet import space_of
 
     out = Path(out_dir)
-    chief = not dist.is_initialized() or dist.get_rank() == 0
+    space = space_of(model)
+    chief = ensure_process_group()[0] == 0
     train = train.model_copy(update={"epochs": cfg.epochs, "max_steps": cfg.steps})
     trained = distill(model, data, distill_cfg, train, teacher_logits=teacher_logits, teacher=teacher,
                       callbacks=[_keep_latest(out / "checkpoints")] if chief else [],

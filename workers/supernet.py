@@ -12,7 +12,8 @@ Design (DynaBERT, Hou et al. 2020):
     a prefix of their rows (outputs) or columns (inputs). ``at(model, sub)`` sets those prefixes and runs only the
     layers the depth keeps (``workers.student.pick_layers`` over the super-student's layers, with the layer choice
     recorded in its config), so a small sub-model also costs less to train. Heads and neurons beyond the prefix
-    take no part: the same arithmetic as the sliced model.
+    take no part: the same arithmetic as the sliced model. ``at`` and ``slice`` briefly change the super-student's
+    layer list: one thread at a time per super-student (a sub-model trial loads its own).
   * **Slicing.** ``slice(model, sub)`` returns a plain BERT with real smaller shapes (``workers.shapes.keep_heads``
     / ``keep_ffn`` on prefixes, layers dropped), which ``workers.artifacts.save`` stores and ``load`` rebuilds like
     any head/FFN-pruned student. Import the module (``supernet.slice``): the name shadows the builtin.
