@@ -197,7 +197,9 @@ class SlimrayModel:
                     "trial": self.info.get("trial") or meta.get("trial_id")}
         self.model_info = ModelInfo(
             **self.ref, artifact=self.classifier.uri, labels=self.classifier.labels, pairs=self.classifier.pairs,
-            max_length=self.classifier.max_length, size_bytes=artifact_info(artifact_uri).size_bytes,
+            max_length=self.classifier.max_length,
+            size_bytes=self.classifier.model.size_bytes if runtime == "onnxruntime" else
+            artifact_info(artifact_uri).size_bytes,
             teacher=meta.get("teacher"), trial_config=meta.get("trial_config"), metrics=meta.get("metrics"),
             promoted_at=self.info.get("promoted_at"), promoted_by=self.info.get("who"),
             serving={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s,

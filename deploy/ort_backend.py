@@ -30,6 +30,11 @@ class OrtModel:
         self.path, self.config, self.threads = str(path), config, threads
         self.session = session(path, threads=threads)
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk of what this runtime serves: the .onnx file (not the PyTorch artifact it came from)."""
+        return Path(self.path).stat().st_size
+
     def __call__(self, **batch):
         import torch
 

@@ -60,7 +60,8 @@ class ModelInfo(BaseModel):
     pairs: Optional[bool] = Field(None, description="true: the model takes sentence pairs, false: single texts; "
                                                     "null: either (an artifact that does not record its task)")
     max_length: int
-    size_bytes: Optional[int] = None
+    size_bytes: Optional[int] = Field(None, description="bytes on disk of what is served: model.safetensors + "
+                                                         "config.json (torch), model.onnx (onnxruntime)")
     teacher: Optional[Any] = None
     trial_config: Optional[dict] = None
     metrics: Optional[dict] = None

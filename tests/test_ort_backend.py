@@ -28,6 +28,7 @@ def test_same_answers_as_the_torch_classifier(tmp_path):
         assert ort_clf.labels == torch_clf.labels == ["neg", "pos"]
         assert ort_clf.max_length == torch_clf.max_length
         assert ort_clf.model.session.get_session_options().intra_op_num_threads == 1
+        assert ort_clf.model.size_bytes == (tmp_path / "t1-onnx" / "model.onnx").stat().st_size
         got, want = ort_clf(TEXTS), torch_clf(TEXTS)
         assert [g["label"] for g in got] == [w["label"] for w in want]
         assert all(abs(g["score"] - w["score"]) < 1e-4 for g, w in zip(got, want))

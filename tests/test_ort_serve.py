@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,11 @@ def test_swap_to_onnxruntime_under_load_keeps_answers_and_drops_nothing(served):
     assert status == 200, torch_body
     status, info = call(served["url"] + "/v1/model")
     assert info["serving"]["runtime"] == "torch"
+    from workers.artifacts import info as artifact_info
+
+    torch_bytes = artifact_info(served["art"]).size_bytes
+    onnx_bytes = (Path(served["art"]).with_name("a-onnx") / "model.onnx").stat().st_size
+    assert info["size_bytes"] == torch_bytes != onnx_bytes
 
     results, stop = [], threading.Event()
 
@@ -71,6 +77,7 @@ def test_swap_to_onnxruntime_under_load_keeps_answers_and_drops_nothing(served):
 
     status, info = call(served["url"] + "/v1/model")
     assert info["serving"]["runtime"] == "onnxruntime"
+    assert info["size_bytes"] == onnx_bytes  # the file ONNX Runtime runs, not the PyTorch artifact
     status, ort_body = call(url, {"inputs": TEXTS})
     assert status == 200, ort_body
     assert [p["label"] for p in ort_body["predictions"]] == [p["label"] for p in torch_body["predictions"]]
