@@ -242,7 +242,7 @@ def run(db_url: str, *, trials: int, nodes: int, cpus_per_node: int, seconds: tu
     store = Store(db_url)
     job_id = f"scale-{label}-{time.strftime('%H%M%S')}"
     store.create_job(job_id, spec.name, spec.stored(), teacher=spec.teacher, dataset=spec.task.dataset)
-    pending: list[tuple[float, int]] = []  # the Recorder's own queue (a write in progress counts as 1)
+    pending: list[tuple[float, int]] = []  # the Recorder's backlog: queued for its writer thread, or being written
     recorders: list = []
     done = threading.Event()
 

@@ -8,8 +8,9 @@ Everything returned is a plain dict; see ``db.rows``.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import URL
@@ -47,6 +48,7 @@ class Store:
         except SQLAlchemyError as err:
             raise store_error(err, self.url_for_display) from err
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._batch = threading.local()  # this thread's write_batch session, while one runs
         self._migrate()
 
     def __repr__(self) -> str:
@@ -71,6 +73,10 @@ class Store:
     @contextmanager
     def _session(self) -> Iterator[Session]:
         """The one way to the database: commits, or rolls back and raises StoreError."""
+        batch = getattr(self._batch, "session", None)
+        if batch is not None:  # inside write_batch, whose one transaction commits or rolls back the lot
+            yield batch
+            return
         session = self._sessions()
         try:
             yield session
@@ -83,6 +89,21 @@ class Store:
             raise
         finally:
             session.close()
+
+    @retrying
+    def write_batch(self, writes: Sequence[tuple[str, tuple]]) -> None:
+        """Run ``(method name, args)`` writes in order in one transaction, all or none: the recorder's burst of
+        Tune events commits once instead of once each. A transient failure re-runs the whole batch."""
+        with self._session() as s:
+            self._batch.session = s
+            try:
+                for name, args in writes:
+                    method = getattr(type(self), name, None)
+                    if name.startswith("_") or not hasattr(method, "__wrapped__"):
+                        raise StoreError(f"write_batch: Store has no method '{name}'")
+                    method.__wrapped__(self, *args)  # not retrying on its own: its failure is the batch's
+            finally:
+                self._batch.session = None
 
     # -- jobs ---------------------------------------------------------------
 

@@ -310,6 +310,7 @@ def test_the_store_shows_an_infeasible_trial_as_stopped_without_a_metric(tmp_pat
         "latency_ms_b1": 3.0, "step": 0, "stopped_by": "infeasible: 9.000 MB before training, over ..."})
     store.trial_started("j", "big", {"student": {"layers": 2}})
     recorder.on_trial_complete(0, [trial], trial)
+    recorder.on_experiment_end([trial])  # the recorder writes in the background; the search's end drains it
     [row] = store.trials("j")
     assert row["status"] == "stopped_early" and row["metric"] is None and row["size_bytes"] == 9_000_000
     assert row["result"]["infeasible"] is True and row["result"]["stopped_by"].startswith("infeasible")
