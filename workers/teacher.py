@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -231,6 +232,7 @@ def _build(model: str, path: str, data: TaskData, rows: Split, train: TrainConfi
     rows_enc = encode(rows, tok, data.config.max_length)
     seeds = tuple(getattr(train, "seeds", None) or (train.seed,))
     picked, seed_metrics = seeds[0], {}
+    t0 = time.perf_counter()
     if finetune:
         stage("fine-tuning")
         if len(seeds) == 1 or len(rows_enc) < 2:
@@ -251,6 +253,7 @@ def _build(model: str, path: str, data: TaskData, rows: Split, train: TrainConfi
                 if best is None or seed_metrics[seed] > seed_metrics[picked]:
                     best, picked = candidate, seed
             net = best
+    fine_tune_s = time.perf_counter() - t0
     net.eval()
     net.config.id2label = {i: n for i, n in enumerate(data.label_names)}
     net.config.label2id = {n: i for i, n in enumerate(data.label_names)}
@@ -262,7 +265,8 @@ def _build(model: str, path: str, data: TaskData, rows: Split, train: TrainConfi
         "task": data.config.model_dump(mode="json"), "code_version": code_version(),
         "label_names": list(label_names(data.config.dataset, data.label_names)),
         "teacher_train": train.model_dump(mode="json"), "train_rows": len(rows), "seed": picked,
-        "seed_metrics": {str(s): m for s, m in seed_metrics.items()}})
+        "seed_metrics": {str(s): m for s, m in seed_metrics.items()},
+        "fine_tune_seconds": round(fine_tune_s, 1) if finetune else None})
     loaded, _, _ = artifacts.load(tmp)
     metrics = measure(loaded, encode(data.eval, tok, data.config.max_length), data.config.metric,
                       seq_len=data.config.max_length, threads=latency_threads, runs=latency_runs)
