@@ -5,6 +5,10 @@
     subset, logits-only distillation from cached teacher logits): the front's hypervolume against the training
     steps spent. Target: TPE + MO-ASHA reaches random search's final hypervolume with ≤ 50% of random's steps
     (median over seeds; each search is compared with the random search of its own seed).
+(warm) Warm start from the store: job A (TPE + MO-ASHA, seed 0) runs its trials; then job B (seed 1) runs the
+    same number of trials twice, side by side: seeded with A's finished trials (``search.warm_start: [A]``) and
+    cold. Each B's front is built from its own trials only, and counted in its own trials. Target: the warm B
+    reaches A's final hypervolume within ≤ 50% of its trials.
 (b) With a trainable that sleeps, the share of a search's wall time spent outside trials (target ≤ 5%), and
     trial throughput on a simulated 4-node cluster vs 1 node (target ≥ 3.5×), through slimray's own driver
     pieces (searcher factory, store recorder, cancel stopper).
@@ -12,6 +16,7 @@
     make bench-search                 # P2 ~19 min (9 searches of 10 trials) + (b) ~2 min on 2 cores
     python -m bench.search --part p2 --seeds 1 --trials 3
     python -m bench.search --part overhead
+    python -m bench.search --part warm        # ~8 min: 3 searches of 10 trials
 """
 from __future__ import annotations
 
@@ -178,6 +183,54 @@ def p2(seeds: list[int], trials: int, steps: int, every: int, on_run=None) -> tu
     return rows, targets, extra
 
 
+def warm(trials: int, steps: int, every: int) -> tuple[list[dict], list[dict], dict]:
+    """Job A, then job B warm-started from A and job B cold, the same seed and budget for both Bs."""
+    import shutil
+
+    from db import Store
+    from orchestrator.jobs import submit
+    from orchestrator.report import reference
+    from orchestrator.spec import parse
+
+    _, t = teacher()
+    root = CACHE / "search-warm"
+    shutil.rmtree(root, ignore_errors=True)  # "auto" would also find earlier runs' jobs; this run names its source
+    root.mkdir(parents=True)
+    store = Store(f"sqlite:///{root}/p2.db")
+    runs, baseline, first = [], None, None
+    for label, seed, sources in (("A", 0, None), ("B warm", 1, "A"), ("B cold", 1, None)):
+        job = _p2_job("tpe+mo-asha", seed, t.uri, root, trials, steps, every)
+        job["name"] = f"warm-{label.replace(' ', '-').lower()}"
+        if sources:
+            job["search"] = {**job["search"], "warm_start": [first]}
+        t0 = time.perf_counter()
+        job_id = submit(parse(job))
+        wall = time.perf_counter() - t0
+        first = first or job_id
+        baseline = baseline or store.get_job(job_id)["baseline"]
+        curve = _curve(store, job_id, baseline)
+        runs.append({"job": label, "job_id": job_id, "seed": seed, "trials": len(curve),
+                     "warm_sources": store.get_job(job_id).get("warm_sources"), "wall_s": wall,
+                     "final_hypervolume": curve[-1][1] if curve else 0.0, "curve_by_trial": [hv for _, hv in curve]})
+        shutil.rmtree(root / "jobs" / job_id, ignore_errors=True)
+    goal = runs[0]["final_hypervolume"]
+    rows = []
+    for r in runs:
+        reach = next((i + 1 for i, hv in enumerate(r["curve_by_trial"]) if goal > 0 and hv >= goal * (1 - 1e-9)),
+                     None)
+        rows.append({**{k: r[k] for k in ("job", "seed", "trials", "final_hypervolume", "wall_s")},
+                     "trials_to_a_hv": reach if r["job"] != "A" else None,
+                     "share_of_trials": reach / r["trials"] if reach and r["job"] != "A" else None})
+    warm_row = rows[1]
+    value = warm_row["share_of_trials"] if warm_row["share_of_trials"] is not None else "never reached"
+    targets = [target("warm start: job B's own trials to reach job A's final hypervolume", "≤ 50% of its trials",
+                      value, warm_row["share_of_trials"] is not None and warm_row["share_of_trials"] <= 0.5)]
+    extra = {"settings": {"trials": trials, "max_steps": steps, "eval_every": every, "strategy": "tpe+mo-asha",
+                          "reference": reference(OBJECTIVES, baseline), "baseline": baseline},
+             "runs": runs}
+    return rows, targets, extra
+
+
 def _sleepy(config, seconds: float):
     """Stands in for a trial: the point's temperature drives made-up objectives; the time is all sleep."""
     from ray import tune
@@ -248,7 +301,7 @@ def overhead(n_trials: int, seconds: float) -> tuple[list[dict], list[dict]]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--part", choices=("all", "p2", "overhead"), default="all")
+    ap.add_argument("--part", choices=("all", "p2", "warm", "overhead"), default="all")
     ap.add_argument("--seeds", type=int, default=3, help="P2: searches per strategy (seeds 0..n-1)")
     ap.add_argument("--trials", type=int, default=10, help="P2: trials per search")
     ap.add_argument("--steps", type=int, default=32, help="P2: training steps of a trial run to the end (batch 32)")
@@ -274,6 +327,12 @@ def main(argv=None) -> None:
         print_table(rows, columns)
         print_targets(targets)
         print(f"wrote {save(rows, targets, extra)}")
+    if args.part in ("all", "warm"):
+        rows, targets, extra = warm(args.trials, args.steps, args.eval_every)
+        print_table(rows, ["job", "seed", "trials", "final_hypervolume", "trials_to_a_hv", "share_of_trials",
+                           "wall_s"])
+        print_targets(targets)
+        print(f"wrote {write_part('search', 'warm', rows, targets, extra)}")
 
 if __name__ == "__main__":
     main()
