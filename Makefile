@@ -63,7 +63,7 @@ TASK ?= all
 bench-e2e: setup
 	$(BIN)/python -m bench.e2e --task $(TASK)
 
-# The teacher, its INT8 PTQ and the promoted SST-2 student under torch and ONNX Runtime: ~35 min cold, ~15 warm.
+# The teacher, its INT8 PTQ and the promoted SST-2 student under torch and ONNX Runtime: ~40 min cold, ~10 warm.
 # ARTIFACT=<dir> also measures that artifact (bench-e2e's promoted models).
 ARTIFACT ?=
 bench-export: setup

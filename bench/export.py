@@ -19,11 +19,13 @@ same model under torch. ``auto`` is promotion's own chooser (orchestrator.export
 sequence 64, interleaved runs, ONNX Runtime only when faster by more than the larger interquartile range).
 
 Targets: every export agrees with its torch model on ≥ 99.5% of dev predictions and its dev metric is within
-0.5 points of it; ``auto`` is never slower than torch beyond the measurement's spread.
+0.5 points of it; ``auto``'s pick is never slower than torch beyond the measurement's spread (the larger range of
+the two runtimes' round medians) at any measured shape of this run's side-by-side timing: promotion times batch 1
+only, and Serve batches up to 32.
 
-    make bench-export                         # ~35 min on 2 cores with a cold cache (~15 min warm)
+    make bench-export                         # ~40 min on 2 cores with a cold cache, ~10 min warm
     python -m bench.export --artifact .slimray/jobs/<job>/trials/<trial>   # also these artifacts
-    python -m bench.export --quick            # an end-to-end check, not a measurement: ~2 min
+    python -m bench.export --quick            # an end-to-end check, not a measurement: 3-5 min
 
 Writes bench/results/export.json (export-quick.json with --quick).
 """
@@ -43,11 +45,11 @@ import numpy as np
 from bench.common import CACHE, RESULTS, TEACHER_TASK, TEACHER_TRAIN, print_table, print_targets, setup_env, \
     target, write
 
-MIN_AGREEMENT, MAX_METRIC_GAP = 0.995, 0.5  # the issue's targets
+MAX_METRIC_GAP = 0.5  # points; the agreement bar is the exporter's own (workers.export.MIN_AGREEMENT)
 # bench-e2e round one's promoted SST-2 trial 100fdcac, as bench/results/e2e-sst2.json describes it: "4L uniform ·
 # FFN 38% · low-rank 0.5 · int8 static, emb 8-bit · T 1.7 · hidden 1 · lr 6.1e-05", trained as its job's trials
 # were (examples/sst2-minilm.yaml: 4 epochs of 250 steps, batch 32). What the description leaves out (distill
-# alpha, pruning importance) is the config's default; run() checks the description still matches.
+# alpha, pruning importance) is the config's default; promoted_student() checks the description still matches.
 PROMOTED_SST2 = {
     "student": {"layers": 4, "layer_choice": "uniform"},
     "prune": {"kind": "ffn", "sparsity": 0.38},
@@ -72,8 +74,9 @@ def quick_teacher():
                          latency_runs=2)
 
 
-def promoted_student(teacher, args) -> Path:
-    """The promoted SST-2 trial's config trained by the trial recipe; reused when already built."""
+def promoted_student(teacher, args, notes: list) -> Path:
+    """The promoted SST-2 trial's config trained by the trial recipe; reused when already built (not with
+    --quick)."""
     import hashlib
 
     from common.trial_config import TrialConfig
@@ -81,15 +84,18 @@ def promoted_student(teacher, args) -> Path:
     from workers.trial import TrialContext, run
 
     recorded = json.loads((RESULTS / "e2e-sst2.json").read_text())["promotion"]
-    if recorded["trial_id"] != PROMOTED_TRIAL or recorded["config"] != describe_config(PROMOTED_SST2):
-        raise SystemExit(f"bench/results/e2e-sst2.json now promotes {recorded['trial_id']} ({recorded['config']}); "
-                         f"update PROMOTED_SST2 in bench/export.py (it rebuilds {PROMOTED_TRIAL})")
+    if recorded["trial_id"] == PROMOTED_TRIAL and recorded["config"] != describe_config(PROMOTED_SST2):
+        raise SystemExit(f"PROMOTED_SST2 in bench/export.py ({describe_config(PROMOTED_SST2)}) is not trial "
+                         f"{PROMOTED_TRIAL} as bench/results/e2e-sst2.json describes it ({recorded['config']})")
+    if recorded["trial_id"] != PROMOTED_TRIAL:
+        notes.append(f"bench/results/e2e-sst2.json now promotes {recorded['trial_id']} ({recorded['config']}); the "
+                     f"rebuilt student is still round one's {PROMOTED_TRIAL}: pass the new one with --artifact")
     cfg = PROMOTED_SST2 if args.steps is None else {**PROMOTED_SST2,
                                                    "train": {**PROMOTED_SST2["train"], "max_steps": args.steps}}
     cfg = TrialConfig.model_validate(cfg)
     key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), teacher.key]).encode()).hexdigest()[:12]
     out = args.cache / f"promoted-{PROMOTED_TRIAL}-{key}"
-    if (out / "slimray.json").is_file():
+    if (out / "slimray.json").is_file() and not args.quick:  # --quick checks the recipe path every time
         print(f"  reusing {out}", flush=True)
         return out
     ctx = TrialContext(teacher_uri=teacher.uri, teacher_metrics=teacher.metrics, train=teacher.train,
@@ -182,15 +188,16 @@ def side_by_side_latency(runners: dict, vocab: int, positions: int, shapes: list
     return times
 
 
-def measure(name: str, torch_model, torch_bytes: int, onnx_dir: Path, source_uri: str, enc, metric: str,
-            args, source_logits: np.ndarray | None = None) -> list[dict]:
-    """The rows of one model: under torch, under ONNX Runtime, and promotion's auto choice."""
+def measure(name: str, torch_model, torch_bytes: int, onnx_dir: Path, source_uri: str | None, enc, metric: str,
+            args, *, t_logits: np.ndarray | None = None, source_logits: np.ndarray | None = None) -> list[dict]:
+    """The rows of one model: under torch, under ONNX Runtime, and (for an artifact, ``source_uri``) promotion's
+    auto choice. ``t_logits``: the torch model's dev logits when already computed."""
     from deploy.ort_backend import OrtModel
     from orchestrator.exporting import time_runtimes
     from workers.evaluate import task_metrics
     from workers.export import MODEL
 
-    t_logits = logits_torch(torch_model, enc)
+    t_logits = logits_torch(torch_model, enc) if t_logits is None else t_logits
     o_logits = logits_ort(onnx_dir / MODEL, enc)
     t_metrics, o_metrics = task_metrics(t_logits, enc.labels, metric), task_metrics(o_logits, enc.labels, metric)
     agree = float((t_logits.argmax(-1) == o_logits.argmax(-1)).mean())
@@ -278,9 +285,9 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
     teacher_model, _, _ = artifacts.load(t.uri)
     onnx_dir = exported(t.uri, "teacher")
     enc, metric = enc_cache[t.uri]
-    rows += measure("teacher (MiniLM, fp32)", teacher_model, artifacts.info(t.uri).size_bytes, onnx_dir, t.uri,
-                    enc, metric, args)
     fp32_logits = logits_torch(teacher_model, enc)
+    rows += measure("teacher (MiniLM, fp32)", teacher_model, artifacts.info(t.uri).size_bytes, onnx_dir, t.uri,
+                    enc, metric, args, t_logits=fp32_logits)
 
     print("the teacher's dynamic INT8 PTQ (torch.ao / ONNX Runtime quantize_dynamic)", flush=True)
     ptq = post_training_quantize(teacher_model, "torch-dynamic-int8")
@@ -297,7 +304,7 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
     for name, uri in students:
         print(name, flush=True)
         if uri is None:
-            uri = str(promoted_student(t, args))
+            uri = str(promoted_student(t, args, notes))
         model, _, _ = artifacts.load(uri)
         onnx_dir = exported(uri, Path(uri).name)
         enc, metric = enc_cache[uri]
@@ -311,6 +318,8 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
 
 
 def targets_of(rows: list[dict]) -> list[dict]:
+    from workers.export import MIN_AGREEMENT
+
     out = []
     onnx_rows = [r for r in rows if r["runtime"] == "onnxruntime"]
     worst = min(onnx_rows, key=lambda r: r["agreement"])
@@ -323,6 +332,7 @@ def targets_of(rows: list[dict]) -> list[dict]:
                       all(abs(r["metric_gap"]) <= MAX_METRIC_GAP for r in onnx_rows)))
     autos = [r for r in rows if "auto_pick" in r]
     bad = [r for r in autos if not r["auto_ok"]]
+
     def why(r):
         over = [k for k, v in r["auto_slower_than_torch_ms"].items() if v > r["spread_ms"][k]]
         return f"{r['model']} → {r['auto_pick']}" + (f" (slower at {', '.join(over)})" if over else "")
@@ -355,7 +365,8 @@ def main(argv=None) -> None:
     rows, targets, extra = run(args)
     print()
     print_table(rows, ["model", "runtime", "metric", "size_bytes", "ms_b1_s64", "ms_b32_s64", "ms_b1_smed",
-                       "ms_b32_smed", "speed_x_b1_s64", "speed_x_b32_s64", "agreement", "max_abs_logit_diff"])
+                       "ms_b32_smed", "speed_x_b1_s64", "speed_x_b32_s64", "agreement", "max_abs_logit_diff",
+                       "auto_ok"])
     print()
     print_targets(targets)
     path = write("export-quick" if args.quick else "export", rows, targets, extra=extra)

@@ -217,6 +217,21 @@ def test_uneven_heads_fuse_per_layer_and_keep_the_torch_logits(tmp_path, tok, ro
     assert float(np.abs(off - want).max()) > 1e-2 * scale
 
 
+def test_a_fusion_failure_leaves_the_export_unfused_and_says_so(tmp_path, tok, rows, monkeypatch):
+    import onnxruntime.transformers.optimizer as optimizer
+
+    def broken(*args, **kwargs):
+        raise AssertionError("a pattern it did not expect")
+
+    monkeypatch.setattr(optimizer, "optimize_model", broken)
+    report = export(_student(tok, tmp_path / "art"), tmp_path / "onnx", rows=rows)
+    assert report.fusion["fused"] == {} and "a pattern it did not expect" in report.fusion["skipped"]
+    assert any("the fusion failed" in n for n in report.notes)
+    ops = {n.op_type for n in _graph(tmp_path / "onnx").graph.node}
+    assert "Attention" not in ops and "MatMul" in ops
+    assert report.verification["argmax_agreement"] == 1.0
+
+
 def test_bad_requests_get_one_line_errors(tmp_path, tok, rows):
     import torch
     from transformers import BertForSequenceClassification

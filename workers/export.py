@@ -277,17 +277,20 @@ def _fuse(path: Path) -> dict:
     pin_heads(model)
     options = FusionOptions("bert")
     options.use_raw_attention_mask(True)
+    tool = "onnxruntime.transformers.optimizer (bert, Python fusions)"
     logging.disable(logging.WARNING)  # its modules log to their own top-level loggers: "failed to fuse" is normal
     try:
         fused = optimize_model(model, model_type="bert", num_heads=0, hidden_size=0, optimization_options=options,
                                opt_level=0, use_gpu=False)  # opt_level 0: its Python fusions only, no session
+    except Exception as err:  # an optimization, not a requirement: a graph its pattern code trips on stays unfused
+        return {"tool": tool, "fused": {}, "attention_heads": [],
+                "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
     finally:
         logging.disable(logging.NOTSET)
     fused.save_model_to_file(str(path))
     heads = [next(a.i for a in n.attribute if a.name == "num_heads") for n in fused.model.graph.node
              if n.op_type == "Attention"]
-    return {"tool": "onnxruntime.transformers.optimizer (bert, Python fusions)",
-            "fused": {k: v for k, v in fused.get_fused_operator_statistics().items() if v},
+    return {"tool": tool, "fused": {k: v for k, v in fused.get_fused_operator_statistics().items() if v},
             "attention_heads": heads}
 
 
@@ -323,7 +326,8 @@ def _stored_summary(layers, embedding) -> str:
 
 
 def _notes(layers, embedding, ptq, fusion) -> list[str]:
-    fused = ", ".join(f"{n} {op}" for op, n in fusion["fused"].items()) or "nothing matched"
+    fused = ", ".join(f"{n} {op}" for op, n in fusion["fused"].items()) or \
+        (f"none: the fusion failed ({fusion['skipped']})" if fusion.get("skipped") else "nothing matched")
     notes = ["LayerNorms, biases, position/token-type embeddings, pooler and classifier are fp32, as in the "
              "artifact",
              f"ONNX Runtime's transformer fusions are in the file ({fused}): com.microsoft ops, so the file runs on "
