@@ -37,7 +37,8 @@ def teacher_cache_dir(spec: JobSpec) -> Path:
 
 def prepare_teacher(spec: JobSpec, cache_dir: Path, *, progress=None, on_stage=None):
     """(the job's teacher, its task data): fine-tuned on every training row, or ``teacher_train.train_size``
-    of them, while ``task.train_size`` limits only the students' rows; reused when already prepared."""
+    of them, while ``task.train_size`` limits only the students' rows; reused when already prepared. Both loads
+    carve the same selection split out first (``workers.data.load``), so the teacher never trains on it."""
     from workers.data import load
     from workers.teacher import prepare
 
@@ -82,7 +83,8 @@ def _prepare_teacher(spec: JobSpec, cache_dir: Path, report: TeacherProgress | N
     """Runs as a Ray task so that, on a cluster, the teacher trains on a worker node, not the driver."""
     t, data = prepare_teacher(spec, cache_dir, progress=report and report.step, on_stage=report and report.stage)
     return {"teacher_uri": t.uri, "teacher_metrics": t.metrics, "train": t.train, "eval": t.eval,
-            "logits": t.train_logits, "dataset": data.source, "teacher_key": t.key, "augmented_rows": t.augmented}
+            "logits": t.train_logits, "dataset": data.source, "teacher_key": t.key, "augmented_rows": t.augmented,
+            "select": t.select}
 
 
 def checkpoint_period(num_trials: int) -> float:

@@ -5,7 +5,8 @@
     promote(job_id, trial="trial_0003")   that trial, whatever the constraints
 
 The latencies the trials reported were measured while other trials trained on the same cores; promotion
-times every front member again, one after another in this process, and trusts only those numbers.
+times every front member again, one after another in this process, and trusts only those numbers. Likewise the
+metric limit is held against the dev split, which a search that chose on a selection split never saw.
 The old model keeps serving until the new replica is up (deploy.control's rolling update), and the store gets
 one Deployment row per promotion: ``live`` (the previous one becomes ``replaced``), or ``failed``.
 """
@@ -16,6 +17,7 @@ import os
 from datetime import datetime, timezone
 
 from common.errors import ConfigError, DeployError, SlimrayError
+from orchestrator.report import chose_on_selection, on_dev
 from orchestrator.spec import Constraints, from_stored
 from common.raylink import serving_ray
 
@@ -52,11 +54,14 @@ def remeasure(store, job_id: str, trials: list[dict], *, seq_len: int, runs: int
     return measured, unusable
 
 
-def _drop(t: dict, baseline: dict) -> float | None:
-    if t.get("metric_drop") is not None:
-        return float(t["metric_drop"])
-    if t.get("metric") is not None and baseline.get("metric") is not None:
-        return float(baseline["metric"]) - float(t["metric"])
+def _drop(t: dict, baseline: dict, selection: bool) -> float | None:
+    """Points below the teacher on the dev split (None: never measured there)."""
+    drop = on_dev(t, "metric_drop", selection)
+    if drop is not None:
+        return float(drop)
+    metric, bar = on_dev(t, "metric", selection), on_dev(baseline, "metric", selection)
+    if metric is not None and bar is not None:
+        return float(bar) - float(metric)
     return None
 
 
@@ -102,6 +107,7 @@ def promote(job_id: str, constraints: Constraints | None = None, *, trial: str |
     store = store or open_store()
     job = store.get_job(job_id)
     spec, baseline = from_stored(job["spec"]), job.get("baseline") or {}
+    selection = chose_on_selection(job)
     if constraints is None:
         constraints = spec.constraints
     elif not isinstance(constraints, Constraints):
@@ -126,8 +132,10 @@ def promote(job_id: str, constraints: Constraints | None = None, *, trial: str |
 
     # timed as the job timed its trials, with enough runs to rank the front
     measured, unusable = remeasure(store, job_id, front, seq_len=spec.seq_len, runs=max(MIN_RUNS, spec.latency.runs))
+    # the dev split's metric and drop; the selection split's, where the search chose on one, kept beside them
     rows = [{**t, "latency_ms_b1": measured[t["trial_id"]], "reported_latency_ms_b1": t.get("latency_ms_b1"),
-             "metric_drop": _drop(t, baseline)} for t in front if t["trial_id"] in measured]
+             "metric": on_dev(t, "metric", selection), "metric_drop": _drop(t, baseline, selection),
+             "selection_metric": t.get("metric") if selection else None} for t in front if t["trial_id"] in measured]
     if trial is not None:
         if trial in unusable:
             raise DeployError(f"trial {trial} of job {job_id}: {unusable[trial]}; pick another with --trial")
@@ -136,7 +144,8 @@ def promote(job_id: str, constraints: Constraints | None = None, *, trial: str |
         chosen = _choose(job_id, rows, constraints, unusable)
     served = prepare_runtime(job_id, chosen, runtime, seq_len=spec.seq_len,
                              runs=max(MIN_RUNS, spec.latency.runs), store=store)
-    return _deploy(store, job_id, chosen, baseline, None if trial is not None else constraints,
+    return _deploy(store, job_id, chosen, {**baseline, "metric": on_dev(baseline, "metric", selection)},
+                   None if trial is not None else constraints,
                    who=who or _user(), route_prefix=route_prefix, port=port, name=name, address=address,
                    detached=detached, front=rows, served=served)
 
@@ -149,6 +158,7 @@ def _deploy(store, job_id: str, chosen: dict, baseline: dict, constraints: Const
     tid = chosen["trial_id"]
     info = {"job": job_id, "trial": tid, "who": who, "promoted_at": datetime.now(timezone.utc).isoformat(),
             "metric": chosen.get("metric"), "metric_drop": chosen.get("metric_drop"),
+            "selection_metric": chosen.get("selection_metric"),
             "size_bytes": chosen.get("size_bytes"), "latency_ms_b1": chosen["latency_ms_b1"],
             "teacher": {k: baseline.get(k) for k in ("metric", "size_bytes", "latency_ms_b1", "uri")},
             "constraints": constraints.model_dump() if constraints else None}
@@ -178,8 +188,8 @@ def _deploy(store, job_id: str, chosen: dict, baseline: dict, constraints: Const
             "metric_drop": chosen.get("metric_drop"), "size_bytes": chosen.get("size_bytes"),
             "latency_ms_b1": chosen["latency_ms_b1"], "constraints": info["constraints"],
             "runtime": served["runtime"], "runtime_timing": served.get("timing"),
-            "front": [{k: r.get(k) for k in ("trial_id", "metric", "metric_drop", "size_bytes", "latency_ms_b1",
-                                             "reported_latency_ms_b1")} for r in front]}
+            "front": [{k: r.get(k) for k in ("trial_id", "metric", "metric_drop", "selection_metric", "size_bytes",
+                                             "latency_ms_b1", "reported_latency_ms_b1")} for r in front]}
 
 
 def _user() -> str:

@@ -1,10 +1,16 @@
-"""Reading a finished job back: its front, hypervolume and a Pareto plot, all from the store."""
+"""Reading a finished job back: its front, hypervolume and a Pareto plot, all from the store.
+
+A job whose search chose on a selection split (``task.selection``) is reported on the dev split, which the
+search never saw: every task number here is a trial's (and the teacher's) ``dev_*`` value; the selection
+split's is shown beside it."""
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["objectives_of", "normalised", "front_summary", "plot_front", "search_stats", "describe_config",
-           "markdown"]
+__all__ = ["objectives_of", "chose_on_selection", "on_dev", "normalised", "front_summary", "plot_front",
+           "search_stats", "describe_config", "markdown"]
+
+_TASK_NUMBERS = ("metric", "metric_drop", "accuracy", "f1")
 
 
 def objectives_of(job: dict) -> list[tuple[str, str]]:
@@ -13,23 +19,45 @@ def objectives_of(job: dict) -> list[tuple[str, str]]:
     return [(o.name, o.mode) for o in from_stored(job["spec"]).objectives]
 
 
-def normalised(trial: dict, objectives, baseline: dict) -> list[float]:
-    """Size and latency as fractions of the teacher's, so hypervolumes compare across jobs and machines."""
+def chose_on_selection(job: dict) -> bool:
+    """Whether the job's search scored its trials on a selection split (then their ``metric`` is not dev's)."""
+    from orchestrator.spec import from_stored
+
+    return from_stored(job["spec"]).task.selection.share > 0
+
+
+def on_dev(row: dict, name: str, selection: bool):
+    """``name`` (metric, metric_drop, accuracy or f1) of a trial row from the store or of the teacher's baseline,
+    on the dev split: its ``dev_<name>`` (a trial keeps it in its result) when the search chose on a selection
+    split, None if it was never measured there; else ``name`` itself, which was measured on dev."""
+    if not selection or name not in _TASK_NUMBERS:
+        return row.get(name)
+    for source in (row, row.get("result") or {}):
+        if source.get(f"dev_{name}") is not None:
+            return source[f"dev_{name}"]
+    return None
+
+
+def normalised(trial: dict, objectives, baseline: dict, selection: bool = False) -> list[float]:
+    """Size and latency as fractions of the teacher's, so hypervolumes compare across jobs and machines; the
+    task metric on the dev split."""
     out = []
     for name, _ in objectives:
-        v = float(trial[name])
+        v = float(on_dev(trial, name, selection))
         if name in ("size_bytes", "latency_ms_b1", "latency_ms_b32", "params") and baseline.get(name):
             v /= float(baseline[name])
         out.append(v)
     return out
 
 
-def reference(objectives, baseline: dict) -> list[float]:
-    """The hypervolume's reference point: 10 points below the teacher's metric, the teacher's size/latency."""
+def reference(objectives, baseline: dict, selection: bool = False) -> list[float]:
+    """The hypervolume's reference point: 10 points below the teacher's (dev) metric, the teacher's size and
+    latency."""
     ref = []
     for name, mode in objectives:
         if name == "metric":
-            ref.append(float(baseline.get("metric", 60.0)) - 10)
+            bar = on_dev(baseline, "metric", selection)
+            ref.append(float(60.0 if bar is None else bar) - 10)
         elif name == "metric_drop":
             ref.append(10.0)
         elif name in ("size_bytes", "latency_ms_b1", "latency_ms_b32", "params") and baseline.get(name):
@@ -45,11 +73,14 @@ def front_summary(store, job_id: str) -> dict:
     job = store.get_job(job_id)
     objectives = objectives_of(job)
     baseline = job.get("baseline") or {}
+    selection = chose_on_selection(job)
     front = [t for t in store.trials(job_id) if t["on_front"]]
     hv = 0.0
-    if front and objectives and baseline:
-        pts = [normalised(t, objectives, baseline) for t in front]
-        hv = hypervolume(pts, [m for _, m in objectives], reference(objectives, baseline))
+    # on the dev split: a front member never measured there (no dev_metric) has no point to add
+    scored = [t for t in front if all(on_dev(t, n, selection) is not None for n, _ in objectives)]
+    if scored and objectives and baseline:
+        pts = [normalised(t, objectives, baseline, selection) for t in scored]
+        hv = hypervolume(pts, [m for _, m in objectives], reference(objectives, baseline, selection))
     return {"job": job, "front": front, "hypervolume": hv, "objectives": objectives}
 
 
@@ -63,8 +94,11 @@ def plot_front(store, job_id: str, out: str | Path, marks: list[dict] | None = N
     import matplotlib.ticker
 
     job = store.get_job(job_id)
+    selection = chose_on_selection(job)
     base = job.get("baseline") or {}
-    trials = [t for t in store.trials(job_id) if t.get("metric") is not None and t.get("size_bytes")]
+    base = {**base, "metric": on_dev(base, "metric", selection)}
+    trials = [{**t, "metric": on_dev(t, "metric", selection)} for t in store.trials(job_id)]
+    trials = [t for t in trials if t["metric"] is not None and t.get("size_bytes")]
     for t in trials:  # promotion's serial re-measurement, where there is one, over the one taken beside training
         t["latency_ms_b1"] = t.get("remeasured_latency_ms_b1") or t.get("latency_ms_b1")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
@@ -84,7 +118,7 @@ def plot_front(store, job_id: str, out: str | Path, marks: list[dict] | None = N
                 ax.scatter([m[key] / scale], [m["metric"]], marker="DsP^v"[i % 5], s=70, edgecolors="k",
                            label=m["label"], zorder=3)
         ax.set_xlabel(label)
-        ax.set_ylabel("metric")
+        ax.set_ylabel("metric (dev)" if selection else "metric")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 20, not 2×10¹
@@ -160,6 +194,7 @@ def markdown(store, job_id: str, *, promoted: str | None = None) -> str:
     summary = front_summary(store, job_id)
     stats = search_stats(store, job_id)
     base = summary["job"].get("baseline") or {}
+    selection = chose_on_selection(summary["job"])
     wall = f"{stats['wall_s'] / 60:.1f} min" if stats["wall_s"] is not None else "?"
     lines = [f"### Search: job `{job_id}` ({stats['status']})", "",
              f"- wall time {wall}; {stats['trials']} trials: {stats['completed']} ran to the end, "
@@ -168,20 +203,27 @@ def markdown(store, job_id: str, *, promoted: str | None = None) -> str:
              f"- objectives: {', '.join(f'{n} {m}' for n, m in summary['objectives'])}; hypervolume of the front "
              f"(size and latency as fractions of the teacher's, reference: teacher − 10 points, 1.0, 1.0): "
              f"**{summary['hypervolume']:.4f}**", "",
-             "| trial | config | metric | drop | MB | size × | b1 ms | speed × | promoted |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| trial | config | metric | drop | selection metric | MB | size × | b1 ms | speed × | promoted |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base_metric = on_dev(base, "metric", selection)
+
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
     for t in sorted(summary["front"], key=lambda t: t["size_bytes"] or 0):
         ms = t.get("remeasured_latency_ms_b1") or t.get("latency_ms_b1")
-        drop = None if t.get("metric") is None or base.get("metric") is None else base["metric"] - t["metric"]
+        metric = on_dev(t, "metric", selection)
+        drop = None if metric is None or base_metric is None else base_metric - metric
         size_x = base["size_bytes"] / t["size_bytes"] if base.get("size_bytes") and t.get("size_bytes") else None
         speed_x = base["latency_ms_b1"] / ms if base.get("latency_ms_b1") and ms else None
-
-        def f(v, fmt):
-            return "–" if v is None else format(v, fmt)
-
-        lines.append(f"| {t['trial_id']} | {describe_config(t['config'])} | {f(t.get('metric'), '.2f')} | "
-                     f"{f(drop, '.2f')} | {f((t.get('size_bytes') or 0) / 1e6, '.2f')} | {f(size_x, '.2f')} | "
+        lines.append(f"| {t['trial_id']} | {describe_config(t['config'])} | {f(metric, '.2f')} | "
+                     f"{f(drop, '.2f')} | {f(t.get('metric') if selection else None, '.2f')} | "
+                     f"{f((t.get('size_bytes') or 0) / 1e6, '.2f')} | {f(size_x, '.2f')} | "
                      f"{f(ms, '.2f')} | {f(speed_x, '.2f')} | {'**yes**' if t['trial_id'] == promoted else ''} |")
     lines += ["", "Size and speed ratios here are against the teacher as measured when the job started; "
               "latency is the one promotion re-measured serially where it did (the trials' own ran beside training)."]
+    if selection:
+        lines.append(f"Metric and drop are on the dev split, which the search never saw (teacher "
+                     f"{f(base_metric, '.2f')}); the search chose on the selection split (teacher "
+                     f"{f(base.get('metric'), '.2f')}), carved from the training data.")
     return "\n".join(lines) + "\n"

@@ -200,6 +200,9 @@ def from_stored(d: dict) -> JobSpec:
     """A spec as a job stored it (this version's :meth:`JobSpec.stored` or an earlier version's YAML)."""
     if not isinstance(d, dict):
         raise SpecError([f"stored job spec: must be a mapping, got {type(d).__name__}"])
+    task = d.get("task", {})
+    if isinstance(task, dict) and "selection" not in task:  # stored before task.selection: it chose on dev
+        d = {**d, "task": {**task, "selection": {"share": 0}}}
     return JobSpec.model_validate(d, context={"stored": True})
 
 

@@ -51,6 +51,7 @@ def _context(bundle: dict, settings: TrialSettings, trial_id: str, report, *, is
         checkpoint_dir=str(ckpt) if every else None, checkpoint_every=every,
         provenance={**settings.provenance, "trial_id": trial_id}, is_chief=is_chief,
         max_size_bytes=spec.constraints.limits()["max_size_bytes"],
+        select=bundle.get("select"),  # absent from a bundle a driver older than the selection split put there
     )
 
 

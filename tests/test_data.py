@@ -28,7 +28,8 @@ def test_known_name_reads_the_glue_layout_under_the_data_dir(tmp_path, monkeypat
     a = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=3))
     again = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=3))
     other = load(TaskConfig(dataset="glue/sst2", train_size=300, eval_size=50, seed=4))
-    assert a.source == str(sst2) and (len(a.train), len(a.eval)) == (300, 50)
+    # the selection split takes its 500-row floor, capped at half of the 400 rows; train_size takes what is left
+    assert a.source == str(sst2) and (len(a.train), len(a.select), len(a.eval)) == (200, 200, 50)
     assert a.train.texts == again.train.texts and a.train.texts != other.train.texts
     assert a.label_names == ("0", "1")
 
@@ -38,7 +39,7 @@ def test_full_dev_set_and_pairs():
     sst = load(TaskConfig(dataset="glue/sst2", train_size=10))
     assert len(sst.eval) == 872 and int(sst.eval.labels.sum()) == 444
     mrpc = load(TaskConfig(dataset="glue/mrpc"))
-    assert len(mrpc.train) == 3668 and len(mrpc.eval) == 408
+    assert (len(mrpc.train), len(mrpc.select)) == (3668 - 500, 500) and len(mrpc.eval) == 408
     assert isinstance(mrpc.train.texts[0], tuple) and len(mrpc.train.texts[0]) == 2
     assert int(mrpc.eval.labels.sum()) == 279
     assert mrpc.config.metric == "accuracy_f1"
@@ -49,7 +50,7 @@ def test_local_jsonl_and_csv(tmp_path):
     d.mkdir()
     (d / "train.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n')
     (d / "validation.csv").write_text("text,label\nfine,pos\n")
-    data = load(TaskConfig(dataset=str(d)))
+    data = load(TaskConfig(dataset=str(d), selection={"share": 0}))  # two rows: none to spare
     assert data.label_names == ("neg", "pos")
     assert list(data.train.labels) == [1, 0] and list(data.eval.labels) == [1]
 
@@ -76,7 +77,8 @@ def test_encode_pads_and_batches_trim(tiny_tokenizer, tmp_path):
                     for i in range(10))
     (tmp_path / "train.jsonl").write_text(pairs)
     (tmp_path / "validation.jsonl").write_text(pairs)
-    data = load(TaskConfig(dataset=str(tmp_path), text_columns=("a", "b"), train_size=8, eval_size=4))
+    data = load(TaskConfig(dataset=str(tmp_path), text_columns=("a", "b"), train_size=8, eval_size=4,
+                           selection={"share": 0}))
     enc = encode(data.train, tiny_tokenizer, 32)
     assert enc.input_ids.shape[0] == 8 and enc.input_ids.shape[1] <= 32
     assert (enc.lengths <= 32).all() and enc.token_type_ids.max() == 1  # pairs get segment ids

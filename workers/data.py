@@ -18,11 +18,12 @@ import numpy as np
 
 from pydantic import Field, model_validator
 
-from common.config import Frozen, Int, Str
+from common.config import Float, Frozen, Int, Str
 from workers.augment import AugmentConfig
 from common.errors import DataError
 
-__all__ = ["TaskConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout", "label_names"]
+__all__ = ["TaskConfig", "SelectionConfig", "Split", "TaskData", "Encoded", "load", "encode", "known_layout",
+           "label_names"]
 
 # Local layouts of the GLUE tasks as GLUE ships them (docs/operations.md shows where they go).
 _GLUE = {
@@ -47,6 +48,25 @@ def label_names(dataset: str, labels) -> tuple[str, ...]:
     return tuple(names.get(str(x), str(x)) for x in labels)
 
 
+class SelectionConfig(Frozen):
+    """The selection split: training rows that the search scores every configuration on and that nothing (teacher
+    or student) trains on. Picking the best of many configurations on the split one reports inflates the
+    reported number, so promotion and the reports use the dev split, which the search never sees."""
+
+    _prefix: ClassVar[str] = "task.selection"
+
+    share: Float = Field(0.1, ge=0, le=0.5, description="share of the training split held out for choosing; 0 turns "
+                                                        "it off (the search then scores on the dev split)")
+    min_rows: Int = Field(500, ge=1, description="at least this many rows, but never more than half the training "
+                                                 "split")
+
+    def rows(self, n: int) -> int:
+        """How many of ``n`` training rows the split takes (0: off)."""
+        if not self.share:
+            return 0
+        return max(round(self.share * n), min(self.min_rows, n // 2))
+
+
 class TaskConfig(Frozen):
     """Where the data is and how to read it. Columns and metric default from known GLUE layouts."""
 
@@ -63,13 +83,16 @@ class TaskConfig(Frozen):
         None, description="the objective `metric` is accuracy, or F1 for f1; default: the known layout's, else "
                           "accuracy")
     max_length: Int = Field(128, ge=1, le=512, description="tokens per row")
-    train_size: Optional[Int] = Field(None, ge=1, description="a seeded random subset; None = all")
+    train_size: Optional[Int] = Field(None, ge=1, description="a seeded random subset of the rows the selection "
+                                                              "split leaves; None = all")
     eval_size: Optional[Int] = Field(None, ge=1, description="a seeded random subset; None = all")
     train_split: Str = "train"
     eval_split: Str = Field(None, description="default: the known layout's, else validation")
     seed: Int = 0
     augment: AugmentConfig = Field(AugmentConfig(), description="teacher-labelled copies of the training rows: "
                                    "copies, replace_prob, mask_prob, neighbours, seed")
+    selection: SelectionConfig = Field(SelectionConfig(), description="the split the search chooses on, carved from "
+                                       "the training split before any subset: share, min_rows")
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +129,7 @@ class TaskData:
     eval: Split
     label_names: tuple[str, ...]
     source: str  # where it was read from, for provenance
+    select: Optional[Split] = None  # the selection split (task.selection); None when it is off
 
     @property
     def num_labels(self) -> int:
@@ -233,8 +257,24 @@ def _subset(texts: list, labels: np.ndarray, size: int | None, seed: int) -> Spl
     return Split([texts[i] for i in idx], labels[idx])
 
 
+def _carve(texts: list, labels: np.ndarray, cfg: TaskConfig, where: str) -> tuple[Split, Split | None]:
+    """(the training rows left, the selection split): drawn from the whole training split with its own seeded
+    generator, before ``train_size`` subsets what is left, so that a teacher and students loaded with different
+    ``train_size`` hold out the very same rows."""
+    k = cfg.selection.rows(len(labels))
+    if not k:
+        if cfg.selection.share:
+            raise DataError(f"task.selection: {where} has {len(labels)} row(s), too few to hold any out; set "
+                            f"task.selection.share: 0")
+        return Split(texts, labels), None
+    held = set(random.Random(f"selection:{cfg.seed}").sample(range(len(labels)), k))
+    keep, take = [i for i in range(len(labels)) if i not in held], sorted(held)
+    return Split([texts[i] for i in keep], labels[keep]), Split([texts[i] for i in take], labels[take])
+
+
 def load(cfg: TaskConfig) -> TaskData:
-    """Read the train and eval splits, map labels to class indices, take seeded subsets."""
+    """Read the train and eval splits, map labels to class indices, carve the selection split out of the training
+    rows, take seeded subsets."""
     local = _local_dir(cfg)
     if local is not None:
         train_path = _find_split_file(local, cfg.train_split)
@@ -258,9 +298,10 @@ def load(cfg: TaskConfig) -> TaskData:
             if lab not in index:
                 raise DataError(f"{where}: row {row} has label {lab!r}, not in the label set "
                                 f"{list(names)}; set task.labels to include it or fix the row")
-    train = _subset(train_texts, np.array([index[x] for x in train_labels], dtype=np.int64), cfg.train_size, cfg.seed)
+    rest, select = _carve(train_texts, np.array([index[x] for x in train_labels], dtype=np.int64), cfg, where_train)
+    train = _subset(rest.texts, rest.labels, cfg.train_size, cfg.seed)
     eval_ = _subset(eval_texts, np.array([index[x] for x in eval_labels], dtype=np.int64), cfg.eval_size, cfg.seed + 1)
-    return TaskData(cfg, train, eval_, tuple(names), source)
+    return TaskData(cfg, train, eval_, tuple(names), source, select)
 
 
 def encode(split: Split, tokenizer, max_length: int) -> Encoded:

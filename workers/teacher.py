@@ -3,7 +3,9 @@ artifact, measure it (its metric is the bar every student is held to) and cache 
 training rows so that trials never run it for plain logits distillation.
 
 The teacher fine-tunes on its own rows (by default every training row of the task) while the students may
-train on a subset; its logits are computed for the students' rows. Prepared teachers live in the cache
+train on a subset; its logits are computed for the students' rows. Neither ever trains on the selection split
+(``task.selection``), which ``workers.data.load`` carves out first: the teacher is scored on it too, so that a
+student's ``metric_drop`` compares like with like. Prepared teachers live in the cache
 directory as ``teacher-<key>/`` (see ``workers.teacher_cache`` for the key), and a lock file beside each makes a
 second job wait for the first and then reuse its teacher.
 """
@@ -90,12 +92,15 @@ def _local_model(name: str) -> str:
 @dataclass
 class Teacher:
     uri: str  # artifact directory of the fine-tuned teacher
-    metrics: dict  # eval metric(s), size_bytes, latency_ms_b1/b32, params
+    # metric / accuracy / f1 on the split the search scores on (selection, else dev), dev_metric / dev_accuracy /
+    # dev_f1 on the dev split; size_bytes, latency_ms_b1/b32, params
+    metrics: dict
     train_logits: np.ndarray  # [len(train), num_labels], row i = the students' training row i
     train: Encoded  # the students' training rows, tokenised by the teacher's tokenizer
     eval: Encoded
     key: str  # the cache key: names the teacher's directory, and provenance for what was distilled from it
     augmented: int = 0  # the last rows of ``train`` are augmented copies, labelled only by ``train_logits``
+    select: Encoded | None = None  # the selection split (``TaskData.select``), tokenised
 
 
 def fingerprint(model_path: str, rows: Split, data: TaskData, train: TrainConfig,
@@ -118,6 +123,8 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
     The teacher fine-tunes on ``teacher_rows`` (default: ``data.train``) and is measured on ``data.eval``; its
     logits are for ``data.train``, the students' rows. ``progress(step, total, loss)`` follows the fine-tune
     and ``on_stage(what)`` is told what preparation is doing (waiting for another job, fine-tuning, ...).
+    ``Teacher.metrics`` are the dev split's, under ``dev_*`` as well, with ``metric`` / ``accuracy`` / ``f1``
+    replaced by the selection split's when ``data.select`` is given.
     With ``task.augment.copies`` the students' rows are followed by their augmented copies (``Teacher.augmented``
     of them), whose only labels are the teacher's logits."""
     import transformers
@@ -143,7 +150,17 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
     net, tok, meta = artifacts.load(out)
     train_enc = encode(data.train, tok, data.config.max_length)
     eval_enc = encode(data.eval, tok, data.config.max_length)
-    logits = _train_logits(net, out, lock, data.train, train_enc, stage)
+    logits = _logits(net, out, lock, data.train, train_enc, stage, "teacher logits on the students' rows")
+    metrics = {**meta["metrics"], **{f"dev_{k}": v for k, v in meta["metrics"].items()
+                                      if k in ("metric", "accuracy", "f1")}}
+    select_enc = None
+    if data.select is not None:
+        from workers.evaluate import task_metrics
+
+        select_enc = encode(data.select, tok, data.config.max_length)
+        metrics.update(task_metrics(_logits(net, out, lock, data.select, select_enc, stage,
+                                            "teacher logits on the selection split"),
+                                    select_enc.labels, data.config.metric))
     augment = data.config.augment
     added = 0
     if augment.copies:
@@ -153,7 +170,7 @@ def prepare(model: str, data: TaskData, train: TrainConfig, cache_dir: str | os.
         train_enc = encode(rows, tok, data.config.max_length)
         logits, added = np.concatenate([logits, extra]), len(texts)
     stage("ready")
-    return Teacher(str(out.resolve()), meta["metrics"], logits, train_enc, eval_enc, key, added)
+    return Teacher(str(out.resolve()), metrics, logits, train_enc, eval_enc, key, added, select_enc)
 
 
 def _augmented(net, tok, out: Path, lock: Path, data: TaskData, augment, stage) -> tuple[list, np.ndarray]:
@@ -182,15 +199,16 @@ def _augmented(net, tok, out: Path, lock: Path, data: TaskData, augment, stage) 
     return texts, np.load(logits_file, allow_pickle=False)
 
 
-def _train_logits(net, out: Path, lock: Path, rows: Split, enc: Encoded, stage) -> np.ndarray:
-    """The teacher's logits on the students' rows, computed once per set of rows and kept beside it."""
+def _logits(net, out: Path, lock: Path, rows: Split, enc: Encoded, stage, what: str) -> np.ndarray:
+    """The teacher's logits on ``rows`` (the students' or the selection split), computed once per set of rows
+    and kept beside it."""
     from workers.evaluate import predict_logits
 
     f = out / f"logits-{teacher_cache.key(rows=teacher_cache.rows_hash(rows.texts, rows.labels))}.npy"
     if not f.is_file():
         with teacher_cache.locked(lock):
             if not f.is_file():
-                stage("teacher logits on the students' rows")
+                stage(what)
                 tmp = f.with_name(f"{f.stem}.tmp.npy")  # only the lock holder writes it
                 np.save(tmp, predict_logits(net, enc), allow_pickle=False)
                 os.replace(tmp, f)

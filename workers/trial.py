@@ -26,9 +26,10 @@ class TrialContext:
     """Everything a trial reads besides its config; built once per job and shared by all trials."""
 
     teacher_uri: str
-    teacher_metrics: dict  # the bar: metric_drop is measured against teacher_metrics["metric"]
+    # the bar: metric_drop is measured against teacher_metrics["metric"], dev_metric_drop against its "dev_metric"
+    teacher_metrics: dict
     train: Encoded
-    eval: Encoded
+    eval: Encoded  # the dev split: measured once, at the end, for promotion and the reports
     teacher_logits: np.ndarray
     metric: str  # accuracy | f1 | accuracy_f1
     out_dir: str  # the artifact is written here
@@ -42,10 +43,14 @@ class TrialContext:
     resume: bool = False
     provenance: dict = field(default_factory=dict)  # job id, dataset, ... written into the artifact
     max_size_bytes: float | None = None  # the job's size limit: a config over it is never trained
+    # the selection split the search scores on (intermediate reports and the result's metric); None: the dev split
+    select: Encoded | None = None
 
 
 def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
-    """Run the recipe for ``cfg``; returns the trial result (its keys: docs/architecture.md)."""
+    """Run the recipe for ``cfg``; returns the trial result (its keys: docs/architecture.md). ``metric``,
+    ``metric_drop``, ``accuracy`` and ``f1`` are the selection split's (``ctx.select``), ``dev_*`` the dev
+    split's; without a selection split both are the dev split's."""
     from workers import artifacts
     from workers.distill import distill
     from workers.evaluate import measure, predict_logits, task_metrics
@@ -83,7 +88,8 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
     if ctx.report is not None and cfg.train.eval_every:
         def evaluate_now(step, total, model):
             if step % cfg.train.eval_every == 0 and step < total:
-                m = task_metrics(predict_logits(model, ctx.eval), ctx.eval.labels, ctx.metric)
+                scored = ctx.eval if ctx.select is None else ctx.select
+                m = task_metrics(predict_logits(model, scored), scored.labels, ctx.metric)
                 model.train()
                 saved = bool(ctx.checkpoint_dir and ctx.checkpoint_every and step % ctx.checkpoint_every == 0)
                 ctx.report({"step": step, "metric": m["metric"],
@@ -109,12 +115,20 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
     if cfg.vocab.prune:  # measured as it is served: the dev text through the artifact's own tokenizer
         from workers.vocab import retokenise
 
-        ctx = dataclasses.replace(ctx, eval=retokenise(ctx.eval, own_tokenizer))
+        ctx = dataclasses.replace(ctx, eval=retokenise(ctx.eval, own_tokenizer),
+                                  select=None if ctx.select is None else retokenise(ctx.select, own_tokenizer))
     m = measure(loaded, ctx.eval, ctx.metric, seq_len=ctx.seq_len, threads=ctx.latency_threads,
                 runs=ctx.latency_runs)
+    dev = {k: m.pop(k) for k in ("metric", "accuracy", "f1") if k in m}
+    scored = dev if ctx.select is None else task_metrics(predict_logits(loaded, ctx.select), ctx.select.labels,
+                                                         ctx.metric)
     result = {
         **m,
-        "metric_drop": ctx.teacher_metrics["metric"] - m["metric"],
+        **scored,
+        "metric_drop": ctx.teacher_metrics["metric"] - scored["metric"],
+        **{f"dev_{k}": v for k, v in dev.items()},
+        # a bundle prepared before the selection split existed has only the dev split's "metric"
+        "dev_metric_drop": ctx.teacher_metrics.get("dev_metric", ctx.teacher_metrics["metric"]) - dev["metric"],
         "size_bytes": info.size_bytes,
         "artifact_bytes": info.artifact_bytes,
         "sha256": info.sha256,
@@ -135,16 +149,17 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
 
 def _prune_vocab(student, teacher, tokenizer, ctx: TrialContext):
     """The student re-indexed to the tokens its training rows use (plus every special token and single character)
-    and its position embeddings cut to the rows' max length; the training rows re-numbered and the dev text
-    tokenised with the pruned tokenizer. A teacher run on each batch (hidden-state or attention KD) reads the
-    same re-numbered rows, so its embeddings are re-indexed too."""
+    and its position embeddings cut to the rows' max length; the training rows re-numbered and the dev and
+    selection text tokenised with the pruned tokenizer. A teacher run on each batch (hidden-state or attention
+    KD) reads the same re-numbered rows, so its embeddings are re-indexed too."""
     from workers.vocab import prune_vocab, reindex, retokenise
 
     vocab = prune_vocab(tokenizer, ctx.train)
     student = reindex(student, vocab.kept, max_length=ctx.train.max_length)
     if teacher is not None:
         teacher = reindex(teacher, vocab.kept)
-    ctx = dataclasses.replace(ctx, train=vocab.remap(ctx.train), eval=retokenise(ctx.eval, vocab.tokenizer))
+    ctx = dataclasses.replace(ctx, train=vocab.remap(ctx.train), eval=retokenise(ctx.eval, vocab.tokenizer),
+                              select=None if ctx.select is None else retokenise(ctx.select, vocab.tokenizer))
     return student, teacher, vocab.tokenizer, ctx
 
 
