@@ -182,14 +182,15 @@ class Store:
     # -- trials -------------------------------------------------------------
 
     @retrying
-    def trial_started(self, job_id: str, trial_id: str, config: dict) -> int:
-        """Record a trial start and return its attempt number (1, then 2 on Tune's first retry, ...)."""
+    def trial_started(self, job_id: str, trial_id: str, config: dict, parent: Optional[str] = None) -> int:
+        """Record a trial start and return its attempt number (1, then 2 on Tune's first retry, ...);
+        ``parent`` is the trial it derives from (lineage), when there is one."""
         with self._session() as s:
             _job(s, job_id)
             trial = _find_trial(s, job_id, trial_id)
             if trial is None:
                 s.add(Trial(job_id=job_id, trial_id=trial_id, config=plain_json(config), status="running",
-                            attempts=1, started_at=utcnow(), on_front=False))
+                            attempts=1, started_at=utcnow(), on_front=False, parent=parent))
                 return 1
             # The config is the trial's point in the search space and does not
             # change on retry; error/traceback stay to explain the retry.
@@ -212,7 +213,8 @@ class Store:
 
     @retrying
     def trial_finished(self, job_id: str, trial_id: str, status: str, result: dict) -> None:
-        """Record the final result; its well-known keys (``RESULT_COLUMNS``) also get their own columns."""
+        """Record the final result; its well-known keys (``RESULT_COLUMNS``) also get their own columns, and its
+        ``parent`` (the trial it derives from, reported by a Tune trial that knows it) the lineage column."""
         _check(status, TRIAL_ENDED, "finished trial")
         result = plain_json(result)
         with self._session() as s:
@@ -221,6 +223,8 @@ class Store:
             trial.result = result
             for column, kind in RESULT_COLUMNS.items():
                 setattr(trial, column, number(result.get(column), kind))
+            if isinstance(result.get("parent"), str):
+                trial.parent = result["parent"]
             trial.finished_at = trial.finished_at or utcnow()
 
     @retrying

@@ -32,8 +32,9 @@ def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
 
     quiet_third_parties(verbose)
 
-COLUMNS = ("trial_id", "status", "metric", "metric_drop", "size_bytes", "latency_ms_b1", "latency_ms_b32",
-           "params", "attempts", "on_front")
+COLUMNS = ("trial_id", "status", "metric", "metric_drop", "dev_metric", "dev_metric_drop", "size_bytes",
+           "latency_ms_b1", "latency_ms_b32",
+           "params", "attempts", "on_front", "parent")
 
 
 def _fail(err: BaseException) -> None:
@@ -78,16 +79,26 @@ def _trial_columns():
 
     return [Column("trial_id", "trial_id", "trial", 9), Column("status", "status", "status", 6),
             Column("metric", "metric", "metric", 8, True), Column("metric_drop", "metric_drop", "drop", 7, True),
+            Column("dev_metric", "dev metric", "dev", 9, True),
+            Column("dev_metric_drop", "dev metric_drop", "dev drop", 7, True),
             Column("size_bytes", "size", "size", 7, True), Column("latency_ms_b1", "latency_ms_b1", "b1 ms", 7, True),
             Column("latency_ms_b32", "latency_ms_b32", "b32 ms", 2, True), Column("params", "params", "params", 1, True),
-            Column("attempts", "attempts", "try", 0, True), Column("on_front", "on_front", "front", 5)]
+            Column("attempts", "attempts", "try", 0, True), Column("on_front", "on_front", "front", 5),
+            Column("parent", "parent", "parent", 3)]
+
+
+def _with_dev(trial: dict) -> dict:
+    """A trial with its dev-split numbers as columns. They sit in its result; a job that chose on a selection
+    split (task.selection) has the selection split's in ``metric`` / ``metric_drop``, and promotion uses these."""
+    result = trial.get("result") or {}
+    return {**trial, "dev_metric": result.get("dev_metric"), "dev_metric_drop": result.get("dev_metric_drop")}
 
 
 def _trial_table(trials: list[dict], title: str, width: int | None = None):
     from orchestrator.display import fit_table
 
-    return fit_table(title, _trial_columns(), [{c: _fmt(t.get(c), c) for c in COLUMNS} for t in trials],
-                     width=width or console.width)
+    rows = [{c: _fmt(t.get(c), c) for c in COLUMNS} for t in map(_with_dev, trials)]
+    return fit_table(title, _trial_columns(), rows, width=width or console.width)
 
 
 def _stage_line(job: dict) -> str:
@@ -95,9 +106,10 @@ def _stage_line(job: dict) -> str:
     stage, progress = job.get("stage"), dict(job.get("progress") or {})
     if not stage:
         return ""
-    if stage == "search" and progress.get("unit") == "trials":  # the recorder's rows are the live count
+    if stage == "search" and progress.get("unit") in ("trials", "sub-models"):  # the recorder's rows: live count
         counts = job.get("trial_counts", {})
-        progress["done"] = sum(counts.get(k, 0) for k in ("terminated", "stopped_early", "error"))
+        ended = sum(counts.get(k, 0) for k in ("terminated", "stopped_early", "error"))
+        progress["done"] = max(0, ended - progress.get("before", 0))  # rows from before the search (super-student)
     done, total, unit = progress.get("done"), progress.get("total"), progress.get("unit", "")
     head = f"stage: {stage}" + (f", {progress['what']}" if progress.get("what") else "")
     if done is not None and total:
@@ -240,7 +252,7 @@ def results(job: str, fmt: str = typer.Option("table", "--format", help="table |
     if fmt not in ("table", "csv", "json"):
         raise SlimrayError(f"--format must be table, csv or json, got {fmt!r}")
     store = open_store()
-    trials = [t for t in store.trials(job) if t["on_front"] or not pareto]
+    trials = [_with_dev(t) for t in store.trials(job) if t["on_front"] or not pareto]
     if fmt == "json":
         typer.echo(json.dumps({"job": store.get_job(job), "trials": trials}, indent=2, default=str))
     elif fmt == "csv":
@@ -253,7 +265,8 @@ def results(job: str, fmt: str = typer.Option("table", "--format", help="table |
     else:
         base = store.get_job(job).get("baseline") or {}
         console.print(_trial_table(trials, f"{job} ({'front' if pareto else 'all trials'}); teacher metric "
-                                           f"{_fmt(base.get('metric'))}, size {_fmt(base.get('size_bytes'), 'size_bytes')}"))
+                                           f"{_fmt(base.get('metric'))} (dev {_fmt(base.get('dev_metric'))}), size "
+                                           f"{_fmt(base.get('size_bytes'), 'size_bytes')}"))
 
 
 @app.command("pareto")
@@ -566,7 +579,11 @@ def teacher_prepare(spec: Path = typer.Argument(..., help="job spec YAML")):
 
         teacher, data = prepare_teacher(parsed, teacher_cache_dir(parsed), progress=on_step, on_stage=on_stage)
     how = "prepared" if "measuring" in stages else "already prepared"
-    scores = ", ".join(f"{k} {teacher.metrics[k]:.2f}" for k in ("accuracy", "f1") if k in teacher.metrics)
+    scores = ", ".join(f"{k} {teacher.metrics[f'dev_{k}']:.2f}" for k in ("accuracy", "f1")
+                       if f"dev_{k}" in teacher.metrics)
+    if teacher.select is not None:
+        scores += f"; selection split ({len(teacher.select)} rows): " + ", ".join(
+            f"{k} {teacher.metrics[k]:.2f}" for k in ("accuracy", "f1") if k in teacher.metrics)
     console.print(f"teacher {how}: {teacher.uri}", highlight=False)
     extra = f" + {teacher.augmented} augmented" if teacher.augmented else ""
     console.print(f"{data.config.eval_split} ({len(data.eval)} rows): {scores}; students' rows: "

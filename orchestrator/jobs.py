@@ -52,11 +52,12 @@ def prepare_teacher(spec: JobSpec, cache_dir: Path, *, progress=None, on_stage=N
 
 
 class TeacherProgress:
-    """Writes the teacher stage's progress to the job row, at most every ``every_s`` seconds, so that
-    `slimray status` can say what preparation is doing while the driver waits on the Ray task."""
+    """Writes the teacher stage's progress (or ``stage``'s: the elastic super-student's) to the job row, at most
+    every ``every_s`` seconds, so that `slimray status` can say what it is doing while the driver waits on the
+    Ray task."""
 
-    def __init__(self, db_url: str, job_id: str, every_s: float = 2.0):
-        self.db_url, self.job_id, self.every_s = db_url, job_id, every_s
+    def __init__(self, db_url: str, job_id: str, every_s: float = 2.0, stage: str = "teacher"):
+        self.db_url, self.job_id, self.every_s, self.stage_name = db_url, job_id, every_s, stage
         self._store, self._last, self._what = None, 0.0, "starting"
 
     def _write(self, progress: dict, force: bool = False) -> None:
@@ -67,9 +68,9 @@ class TeacherProgress:
         try:
             if self._store is None:
                 self._store = open_store(self.db_url)
-            self._store.set_job_stage(self.job_id, "teacher", progress)
-        except SlimrayError as err:  # progress is a courtesy: never fail the teacher over it
-            log.warning("teacher progress not recorded: %s", err)
+            self._store.set_job_stage(self.job_id, self.stage_name, progress)
+        except SlimrayError as err:  # progress is a courtesy: never fail the stage over it
+            log.warning("%s progress not recorded: %s", self.stage_name, err)
 
     def stage(self, what: str) -> None:
         self._what = what
@@ -201,12 +202,23 @@ def _run(job_id: str, spec: JobSpec, store, *, restore_path: str | None = None, 
             spec=spec, job_id=job_id, out_root=str(root / "trials"),
             provenance={"job_id": job_id, "dataset": bundle["dataset"], "task": spec.task.model_dump(mode="json"),
                         "code_version": code_version()})
-        tuner = _tuner(spec, job_id, store.url, shared, settings, restore_path, trainable or run_trial, warm)
-        store.set_job_stage(job_id, "search", {"done": 0, "total": spec.budget.num_trials, "unit": "trials"})
+        trial_fn, unit, before = trainable or run_trial, "trials", 0
+        if spec.strategy == "elastic":  # docs/architecture.md, "The elastic strategy"
+            from orchestrator.elastic_stage import run_sub_trial, super_stage
+
+            shared["super_uri"] = super_stage(spec, job_id, store, shared["ref"], root, settings.provenance)
+            trial_fn, unit, before = trainable or run_sub_trial, "sub-models", 1  # the super-student's row
+        tuner = _tuner(spec, job_id, store.url, shared, settings, restore_path, trial_fn, warm)
+        store.set_job_stage(job_id, "search", {"done": 0, "total": spec.budget.num_trials, "unit": unit,
+                                               "before": before})
         tuner.fit()
         store.set_job_stage(job_id, "front")
         close_unfinished(store, job_id)
         compute_front(store, job_id, spec)
+        if spec.strategy == "elastic" and store.get_job(job_id)["status"] != "cancelled":
+            from orchestrator.elastic_stage import after_search
+
+            after_search(spec, job_id, store, shared, settings)
         store.set_job_stage(job_id, "done")
         if store.get_job(job_id)["status"] != "cancelled":
             store.set_job_status(job_id, "finished")

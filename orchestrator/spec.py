@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from common.config import Float, Frozen, Int, Problems, Str
+from common.elastic_config import ElasticConfig
 from common.errors import SpecError
 from search.algorithms import SearchSettings
 from search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES, Objectives
@@ -106,6 +107,15 @@ class JobSpec(Frozen):
     name: Str = Field(description="letters, digits, '-', '_' or '.'; job ids start with it")
     teacher: Str = Field(DEFAULT_TEACHER, min_length=1, description="a hub id, a local model directory or minilm")
     task: TaskConfig = Field(default_factory=TaskConfig)
+    strategy: Literal["trials", "elastic"] = Field(
+        "trials", description="trials: every trial distils its own student; elastic: one weight-sharing "
+                              "super-student is trained, sub-models sliced from it are scored without training "
+                              "and the best few get a short distillation (docs/architecture.md)")
+    elastic: ElasticConfig = Field(default_factory=ElasticConfig, description="The super-student and its "
+                                   "finalists (strategy: elastic). Its sub-models take the depths of "
+                                   "search.student.layers and the heads and FFN widths of search.student.heads and "
+                                   "search.student.ffn (the teacher's where not searched), crossed with search.quant "
+                                   "and search.vocab.")
     search: SearchSpace = Field(default_factory=SearchSpace)
     algorithm: SearchSettings = Field(default_factory=SearchSettings)
     objectives: Objectives = Field(DEFAULT_OBJECTIVES, description="2 or 3 of " + ", ".join(OBJECTIVES) +
@@ -168,6 +178,10 @@ class JobSpec(Frozen):
         from workers.augment import job_problems
 
         problems += job_problems(self.task.augment, self.distill.alpha, self.search.get("distill.alpha") is not None)
+        if self.strategy == "elastic":
+            problems += _elastic_problems(self)
+        elif self.elastic != ElasticConfig():  # the defaults, as every stored spec carries them, are no error
+            problems.append(("elastic", "only read when strategy is elastic; set strategy: elastic or drop it"))
         if problems:
             raise Problems(*problems)
         return self
@@ -187,6 +201,59 @@ class JobSpec(Frozen):
         if d["storage"].get("db_url"):
             d["storage"]["db_url"] = display_url(d["storage"]["db_url"])
         return d
+
+
+# What an elastic sub-model trial can vary: its slice of the super-student, then training-free compression.
+ELASTIC_DIMS = ("student.layers", "student.heads", "student.ffn", "quant.mode", "quant.group_size",
+                "quant.embedding_bits", "vocab.prune")
+# What a sub-model trial reports (workers.elastic.evaluate_sub): no batch-32 latency, no training time.
+ELASTIC_OBJECTIVES = ("metric", "metric_drop", "size_bytes", "params", "latency_ms_b1")
+
+
+def _elastic_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """Why ``spec`` cannot run the elastic strategy, one ``(path, message)`` each."""
+    from search.space import Range
+
+    why = {"student.hidden": "the super-student keeps the teacher's hidden width; drop it and search "
+                             "search.student.heads / ffn",
+           "student.layer_choice": "the super-student fixes which layers a depth keeps; set elastic.layer_choice "
+                                   "instead",
+           "prune": "the elastic strategy narrows heads and FFN through search.student.heads and "
+                    "search.student.ffn; drop search.prune",
+           "lowrank": "low rank needs training, which elastic sub-models do not get; drop it",
+           "distill": "elastic sub-models are not trained, so nothing would read it; set the job's distill "
+                      "section instead",
+           "train": "elastic sub-models are not trained, so nothing would read it; set the job's train section "
+                    "instead"}
+    problems, said = [], set()
+    for name, dim in spec.search.dims:
+        section = name.split(".")[0]
+        if name in ELASTIC_DIMS:
+            if name.startswith("student.") and isinstance(dim, Range) and dim.step is None:
+                problems.append((f"search.{name}", "the super-student is trained for a fixed set of sizes; give a "
+                                                   "list, or a range with a step"))
+            continue
+        key = name if name in why else section
+        if key not in said:
+            said.add(key)
+            problems.append((f"search.{key}", why[key]))
+    if "qat" in spec.search.options("quant.mode"):
+        problems.append(("search.quant.mode", "qat needs training and elastic sub-models are training-free; use "
+                                              "none, dynamic, static, int4 or mixed"))
+    if not any(spec.search.get(f"student.{k}") for k in ("layers", "heads", "ffn")):
+        problems.append(("search.student", "the elastic strategy needs at least one of layers, heads or ffn to "
+                                           "slice sub-models by"))
+    if spec.search.warm_start is not None:
+        problems.append(("search.warm_start", "earlier jobs' trials are not sub-models of this job's "
+                                              "super-student; drop it"))
+    for o in spec.objectives:
+        if o.name not in ELASTIC_OBJECTIVES:
+            problems.append(("objectives", f"elastic sub-models do not report {o.name}; use "
+                                           f"{', '.join(ELASTIC_OBJECTIVES)}"))
+    if spec.resources.workers > 1:
+        problems.append(("resources.workers", f"the elastic strategy trains its super-student on one worker; "
+                                              f"set 1, got {spec.resources.workers}"))
+    return problems
 
 
 def parse(raw) -> JobSpec:

@@ -45,6 +45,9 @@ class TrialContext:
     max_size_bytes: float | None = None  # the job's size limit: a config over it is never trained
     # the selection split the search scores on (intermediate reports and the result's metric); None: the dev split
     select: Encoded | None = None
+    # a student already shaped as cfg.student says (an elastic finalist: the sub-model sliced from the
+    # super-student), trained from its weights instead of a fresh teacher initialisation
+    initial_model: object | None = None
 
 
 def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
@@ -65,7 +68,7 @@ def run(cfg: TrialConfig, ctx: TrialContext) -> dict:
                                            attn_implementation="eager" if needs_teacher_model else "sdpa")
 
     # 1. structure
-    student = build(teacher, cfg.student)
+    student = ctx.initial_model.train() if ctx.initial_model is not None else build(teacher, cfg.student)
     if cfg.vocab.prune:
         student, teacher, tokenizer, ctx = _prune_vocab(student, teacher if needs_teacher_model else None,
                                                         tokenizer, ctx)
