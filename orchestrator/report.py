@@ -158,13 +158,15 @@ def search_stats(store, job_id: str) -> dict:
 
 
 def describe_config(config: dict | None) -> str:
-    """A trial config in one short line: ``3L top · heads+FFN 45% · int8 dyn, emb 4-bit · T 2.1 · lr 1.2e-04``."""
+    """A trial config in one short line: ``3L top · heads+FFN 45% · int8 dyn, emb 4-bit · T 2.1 · lr 1.2e-04``
+    (an elastic sub-model: ``2L uniform 4h FFN 512 · int8 dyn``)."""
     c = config or {}
     parts = []
     st = c.get("student") or {}
     if st:
         parts.append(" ".join(str(x) for x in (f"{st['layers']}L" if "layers" in st else None,
-                                               st.get("layer_choice")) if x))
+                                               st.get("layer_choice"), f"{st['heads']}h" if st.get("heads") else None,
+                                               f"FFN {st['ffn']}" if st.get("ffn") else None) if x))
     pr = c.get("prune") or {}
     if pr.get("kind") not in (None, "none"):
         kind = {"structured": "heads+FFN", "heads": "heads", "ffn": "FFN"}.get(pr["kind"], pr["kind"])
