@@ -136,7 +136,8 @@ def test_the_teacher_fine_tunes_on_all_rows_and_labels_the_students_subset(tiny_
                           teacher_train={"epochs": 1, "batch_size": 32, "train_size": None}, latency={"runs": 2}))
     teacher, data = prepare_teacher(spec, tmp_path / "teachers")
     assert len(data.train) == 100 and teacher.train_logits.shape == (100, 2) and len(teacher.train) == 100
-    assert artifacts.read_meta(teacher.uri)["train_rows"] == 2000
+    # every row but the selection split's 500, which nothing trains on
+    assert len(data.select) == 500 and artifacts.read_meta(teacher.uri)["train_rows"] == 2000 - 500
     limited = parse(tiny_job(tiny_teacher_dir, tmp_path, task={"train_size": 100},
                              teacher_train={"epochs": 1, "batch_size": 32, "train_size": 300}, latency={"runs": 2}))
     small, _ = prepare_teacher(limited, tmp_path / "teachers")
