@@ -12,7 +12,8 @@ CACHE = Path(os.environ.get("SLIMRAY_BENCH_CACHE", Path(__file__).resolve().pare
 
 # One fine-tuned teacher for all benchmarks (prepared once, cached by fingerprint under bench/.cache):
 # 8,000 SST-2 training rows fit the 30-minute budget of bench-distill on 2 cores.
-TEACHER_TASK = dict(dataset="glue/sst2", train_size=8000, max_length=64, seed=0)
+# No selection split: these benchmarks measure on dev, with nothing chosen on it (task.selection is the search's).
+TEACHER_TASK = dict(dataset="glue/sst2", train_size=8000, max_length=64, seed=0, selection={"share": 0})
 TEACHER_TRAIN = dict(lr=5e-5, epochs=1.0, batch_size=32, seed=0)
 
 

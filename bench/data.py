@@ -51,11 +51,13 @@ def _student_rows_teacher(args):
                          progress=show, on_stage=lambda what: print(f"  teacher: {what}", flush=True))
 
 
-# (b): the full-data teachers; (c) distils from them. MRPC picks between 2 seeds (its fine-tune varies by seed;
+# (b): the full-data teachers, on every training row (no selection split: nothing is chosen on dev here);
+# (c) distils from them. MRPC picks between 2 seeds (its fine-tune varies by seed;
 # a third would cost ~10 more minutes on 2 cores).
 FULL_TEACHERS = {
-    "sst2": (dict(dataset="glue/sst2", max_length=64, seed=0), dict(lr=5e-5, epochs=2.0, batch_size=32, seeds=(0,))),
-    "mrpc": (dict(dataset="glue/mrpc", max_length=128, seed=0),
+    "sst2": (dict(dataset="glue/sst2", max_length=64, seed=0, selection={"share": 0}),
+             dict(lr=5e-5, epochs=2.0, batch_size=32, seeds=(0,))),
+    "mrpc": (dict(dataset="glue/mrpc", max_length=128, seed=0, selection={"share": 0}),
              dict(lr=5e-5, epochs=5.0, batch_size=32, seeds=(0, 1))),
 }
 TEACHER_BUDGET_S = 45 * 60
@@ -99,8 +101,8 @@ def part_a(args) -> tuple[list[dict], list[dict], dict]:
 
     torch.set_num_threads(2)
     path = resolve_model("minilm")
-    data = load(TaskConfig(dataset="glue/sst2", max_length=64, seed=0, train_size=args.train_size,
-                           eval_size=args.eval_size))
+    data = load(TaskConfig(dataset="glue/sst2", max_length=64, seed=0, selection={"share": 0},
+                           train_size=args.train_size, eval_size=args.eval_size))
     tok = AutoTokenizer.from_pretrained(path)
     train, dev = encode(data.train, tok, 64), encode(data.eval, tok, 64)
     steps = args.grouping_steps
