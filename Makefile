@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export SLIMRAY_HOME ?= $(abspath .slimray)
 
-.PHONY: setup test test-fast demo docs bench-distill bench-compression bench-search bench-serve bench-reliability bench-scale bench-e2e bench-export clean
+.PHONY: setup test test-fast demo docs bench-distill bench-compression bench-search bench-serve bench-reliability bench-scale bench-e2e bench-export bench-elastic clean
 
 $(BIN)/slimray: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -68,6 +68,12 @@ bench-e2e: setup
 ARTIFACT ?=
 bench-export: setup
 	$(BIN)/python -m bench.export $(foreach a,$(ARTIFACT),--artifact $(a))
+
+# The elastic strategy beside the trials strategy on bench-e2e's SST-2 teacher and data, the same wall time each:
+# ~1 h 40 min on 2 cores (2 x 45 min, the teacher ~5-10 min cold, the end's timings); BUDGET=<min> per strategy.
+BUDGET ?= 45
+bench-elastic: setup
+	$(BIN)/python -m bench.elastic --budget-min $(BUDGET)
 
 clean:
 	rm -rf $(VENV) .slimray build *.egg-info
