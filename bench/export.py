@@ -47,10 +47,11 @@ from bench.common import CACHE, RESULTS, TEACHER_TASK, TEACHER_TRAIN, print_tabl
     target, write
 
 MAX_METRIC_GAP = 0.5  # points; the agreement bar is the exporter's own (workers.export.MIN_AGREEMENT)
-# bench-e2e round one's promoted SST-2 trial 100fdcac, as bench/results/e2e-sst2.json describes it: "4L uniform ·
-# FFN 38% · low-rank 0.5 · int8 static, emb 8-bit · T 1.7 · hidden 1 · lr 6.1e-05", trained as its job's trials
-# were (examples/sst2-minilm.yaml: 4 epochs of 250 steps, batch 32). What the description leaves out (distill
-# alpha, pruning importance) is the config's default; promoted_student() checks the description still matches.
+# bench-e2e round one's promoted SST-2 trial 100fdcac, as bench/results/e2e-sst2-round1.json describes it:
+# "4L uniform · FFN 38% · low-rank 0.5 · int8 static, emb 8-bit · T 1.7 · hidden 1 · lr 6.1e-05", trained as its
+# job's trials were (examples/sst2-minilm-trials.yaml: 4 epochs of 250 steps, batch 32). What the description leaves
+# out (distill alpha, pruning importance) is the config's default; promoted_student() checks the description still
+# matches.
 PROMOTED_SST2 = {
     "student": {"layers": 4, "layer_choice": "uniform"},
     "prune": {"kind": "ffn", "sparsity": 0.38},
@@ -60,6 +61,26 @@ PROMOTED_SST2 = {
     "train": {"lr": 6.1e-5, "epochs": 4.0, "batch_size": 32, "seed": 0},
 }
 PROMOTED_TRIAL = "100fdcac"
+# bench-e2e round one's promoted MRPC trial 43074ac9 ("2L uniform · FFN 43% · low-rank 0.5 · int8 QAT, emb 8-bit ·
+# T 5.7 · lr 1.2e-04"), trained as its job's trials were: 2 epochs at batch 32; the same defaults fill the rest.
+PROMOTED_MRPC = {
+    "student": {"layers": 2, "layer_choice": "uniform"},
+    "prune": {"kind": "ffn", "sparsity": 0.43},
+    "lowrank": {"ratio": 0.5},
+    "quant": {"mode": "qat", "embeddings": True, "embedding_bits": 8},
+    "distill": {"temperature": 5.7},
+    "train": {"lr": 1.2e-4, "epochs": 2.0, "batch_size": 32, "seed": 0},
+}
+# Round one's promoted trial of each task, the report that describes it (kept as e2e-<task>-round1.* once round two
+# wrote e2e-<task>.*) and its teacher as round one prepared it: the task without a selection split (round one had
+# none) and the teacher's fine-tune (SST-2's is the benchmarks' own, bench/common.py).
+ROUND_ONE = {
+    "sst2": {"trial_id": PROMOTED_TRIAL, "config": PROMOTED_SST2, "results": "e2e-sst2-round1.json",
+             "task": TEACHER_TASK, "teacher_train": TEACHER_TRAIN, "metric": "accuracy"},
+    "mrpc": {"trial_id": "43074ac9", "config": PROMOTED_MRPC, "results": "e2e-mrpc-round1.json",
+             "task": dict(dataset="glue/mrpc", max_length=128, seed=0, selection={"share": 0}),
+             "teacher_train": dict(lr=5e-5, epochs=3.0, batch_size=32, seed=0), "metric": "accuracy_f1"},
+}
 
 
 # --------------------------------------------------------------------------- the models
@@ -75,34 +96,36 @@ def quick_teacher():
                          latency_runs=2)
 
 
-def promoted_student(teacher, args, notes: list) -> Path:
-    """The promoted SST-2 trial's config trained by the trial recipe; reused when already built (not with
-    --quick)."""
+def promoted_student(teacher, args, notes: list, task: str = "sst2") -> Path:
+    """Round one's promoted trial of ``task`` (ROUND_ONE), its config trained by the trial recipe from ``teacher``
+    (round one's); reused when already built (not with --quick)."""
     import hashlib
 
     from common.trial_config import TrialConfig
     from orchestrator.report import describe_config
     from workers.trial import TrialContext, run
 
-    recorded = json.loads((RESULTS / "e2e-sst2.json").read_text())["promotion"]
-    if recorded["trial_id"] == PROMOTED_TRIAL and recorded["config"] != describe_config(PROMOTED_SST2):
-        raise SystemExit(f"PROMOTED_SST2 in bench/export.py ({describe_config(PROMOTED_SST2)}) is not trial "
-                         f"{PROMOTED_TRIAL} as bench/results/e2e-sst2.json describes it ({recorded['config']})")
-    if recorded["trial_id"] != PROMOTED_TRIAL:
-        notes.append(f"bench/results/e2e-sst2.json now promotes {recorded['trial_id']} ({recorded['config']}); the "
-                     f"rebuilt student is still round one's {PROMOTED_TRIAL}: pass the new one with --artifact")
-    cfg = PROMOTED_SST2 if args.steps is None else {**PROMOTED_SST2,
-                                                   "train": {**PROMOTED_SST2["train"], "max_steps": args.steps}}
+    one = ROUND_ONE[task]
+    recorded = json.loads((RESULTS / one["results"]).read_text())["promotion"]
+    if recorded["trial_id"] == one["trial_id"] and recorded["config"] != describe_config(one["config"]):
+        raise SystemExit(f"ROUND_ONE[{task!r}] in bench/export.py ({describe_config(one['config'])}) is not trial "
+                         f"{one['trial_id']} as bench/results/{one['results']} describes it ({recorded['config']})")
+    if recorded["trial_id"] != one["trial_id"]:
+        notes.append(f"bench/results/{one['results']} now promotes {recorded['trial_id']} ({recorded['config']}); the "
+                     f"rebuilt student is still round one's {one['trial_id']}: pass the new one with --artifact")
+    cfg = one["config"] if args.steps is None else {**one["config"],
+                                                    "train": {**one["config"]["train"], "max_steps": args.steps}}
     cfg = TrialConfig.model_validate(cfg)
     key = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), teacher.key]).encode()).hexdigest()[:12]
-    out = args.cache / f"promoted-{PROMOTED_TRIAL}-{key}"
+    out = args.cache / f"promoted-{one['trial_id']}-{key}"
     if (out / "slimray.json").is_file() and not args.quick:  # --quick checks the recipe path every time
         print(f"  reusing {out}", flush=True)
         return out
     ctx = TrialContext(teacher_uri=teacher.uri, teacher_metrics=teacher.metrics, train=teacher.train,
-                       eval=teacher.eval, teacher_logits=teacher.train_logits, metric="accuracy",
-                       out_dir=str(out.with_name(out.name + ".tmp")), seq_len=64, latency_runs=args.runs,
-                       provenance={"task": dict(TEACHER_TASK), "rebuilt_from": f"bench-e2e trial {PROMOTED_TRIAL}"})
+                       eval=teacher.eval, teacher_logits=teacher.train_logits, metric=one["metric"],
+                       out_dir=str(out.with_name(out.name + ".tmp")), seq_len=one["task"]["max_length"],
+                       latency_runs=args.runs,
+                       provenance={"task": dict(one["task"]), "rebuilt_from": f"bench-e2e trial {one['trial_id']}"})
     shutil.rmtree(ctx.out_dir, ignore_errors=True)
     t0 = time.perf_counter()
     r = run(cfg, ctx)
