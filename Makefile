@@ -58,7 +58,7 @@ bench-data: setup
 bench-scale: setup
 	$(BIN)/python -m bench.scale
 
-# The real run: `make bench-e2e` (SST-2 and MRPC, ~1 h each on 2 cores) or `make bench-e2e TASK=sst2`.
+# The real run: `make bench-e2e` (SST-2 and MRPC, ~2 h each on 2 cores from a warm teacher cache) or `make bench-e2e TASK=sst2`.
 TASK ?= all
 bench-e2e: setup
 	$(BIN)/python -m bench.e2e --task $(TASK)
