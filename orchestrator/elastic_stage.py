@@ -259,13 +259,21 @@ def _save_front(spec, bundle: dict, super_uri: str, members: list[tuple[str, dic
 
 def _finalist_config(config: dict, spec, rows: int) -> TrialConfig:
     """A front sub-model's config trained for ``elastic.finalist_steps`` steps: the epochs are set so that the
-    steps they imply are exactly those (``workers.distill`` counts ceil(epochs × batches / grad_accum))."""
+    steps they imply are exactly those (``workers.distill`` counts ceil(epochs × batches / grad_accum)).
+
+    A static INT8 sub-model trains as QAT: its activation ranges are then learnt with the weights instead of
+    calibrated once after them, and it converts to the same int8 model. Dynamic INT8 and INT4 quantize weights
+    only, so they train in float and quantize after, as in the search."""
+    from common.trial_config import QatInt8, StaticInt8
+
     cfg = TrialConfig.model_validate(config)
     train = cfg.train
     batches = math.ceil(rows / train.batch_size)
     epochs = spec.elastic.finalist_steps * train.grad_accum / batches
-    return cfg.model_copy(update={"train": train.model_copy(update={"epochs": epochs,
-                                                                    "max_steps": spec.elastic.finalist_steps})})
+    update = {"train": train.model_copy(update={"epochs": epochs, "max_steps": spec.elastic.finalist_steps})}
+    if isinstance(cfg.quant, StaticInt8):
+        update["quant"] = QatInt8(embeddings=cfg.quant.embeddings, embedding_bits=cfg.quant.embedding_bits)
+    return cfg.model_copy(update=update)
 
 
 def _finalist(spec, bundle: dict, super_uri: str, config: dict, out_dir: str, provenance: dict) -> dict:

@@ -102,6 +102,18 @@ def test_a_finalist_trains_exactly_its_steps():
     assert int(np.ceil(cfg.train.epochs * batches / cfg.train.grad_accum)) == 7
 
 
+def test_a_static_int8_finalist_trains_as_qat_and_weight_only_modes_do_not():
+    from orchestrator.elastic_stage import _finalist_config
+
+    spec = parse(_elastic())
+    static = _finalist_config({"student": {"layers": 1}, "quant": {"mode": "static", "embedding_bits": 4}}, spec,
+                              rows=50)
+    assert static.quant.mode == "qat" and static.quant.embedding_bits == 4
+    for mode in ("dynamic", "int4"):
+        cfg = _finalist_config({"student": {"layers": 1}, "quant": {"mode": mode}}, spec, rows=50)
+        assert cfg.quant.mode == mode
+
+
 # --------------------------------------------------------------------------- the status line
 
 def test_the_status_line_follows_the_elastic_stages():
